@@ -1,0 +1,262 @@
+"""Tests of detoxify_ppo.py on tiny offline models and fixture rows in the real-toxicity-prompts schema."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from conftest import ROOT, run_cli
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import detoxify_ppo
+import make_tiny_models
+from detox_common import classifier_logits, load_classifier
+
+SAMPLE_DATA = os.path.join(ROOT, "data", "real_toxicity_prompts_sample.jsonl")
+
+
+def rtp_row(i, prompt, toxicity, continuation=" and then the garden was quiet again today."):
+    scores = {"severe_toxicity": None, "profanity": 0.1, "insult": 0.2}
+    return {"filename": f"f{i}", "begin": 0, "end": 1, "challenging": False,
+            "prompt": {"text": prompt, "toxicity": toxicity, **scores},
+            "continuation": {"text": continuation, "toxicity": 0.5, **scores}}
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+def parse(*argv):
+    (args,) = detoxify_ppo.HfArgumentParser(detoxify_ppo.Args).parse_args_into_dataclasses(args=list(argv))
+    return args
+
+
+def test_filter_keeps_exactly_rows_above_threshold_and_drops_nulls(tmp_path):
+    toxicities = [0.1, 0.3, 0.300001, None, 0.9, 0.29, None, 0.75]
+    path = write_jsonl(tmp_path / "rows.jsonl", [rtp_row(i, f"prompt {i}", t) for i, t in enumerate(toxicities)])
+    kept = detoxify_ppo.load_prompts(parse("--dataset", path))
+    assert sorted(r["prompt"]["text"] for r in kept) == ["prompt 2", "prompt 4", "prompt 7"]
+    kept = detoxify_ppo.load_prompts(parse("--dataset", path, "--toxicity-threshold", "0.8"))
+    assert [r["prompt"]["text"] for r in kept] == ["prompt 4"]
+
+
+def test_queries_are_seeded_prefixes_of_prompt_then_continuation(tmp_path, tiny_policy, corpus):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_policy)
+    rows = [rtp_row(i, p, 0.9, c) for i, (p, c, _) in enumerate(corpus[:64])]
+    rows.append(rtp_row(99, "the cat", 0.9, " said that the teacher walks home the river is green today."))
+    kept = detoxify_ppo.load_prompts(parse("--dataset", write_jsonl(tmp_path / "rows.jsonl", rows)))
+    args = parse("--min-context-tokens", "6", "--max-context-tokens", "9", "--seed", "3")
+    queries = detoxify_ppo.build_queries(kept, tokenizer, args)
+    lengths = [len(q) for q in queries["input_ids"]]
+    assert min(lengths) >= 6 and max(lengths) <= 9 and len(set(lengths)) > 1
+    for row, query in zip(kept, queries):
+        full = tokenizer(row["prompt"]["text"] + row["continuation"]["text"])["input_ids"]
+        assert query["input_ids"].tolist() == full[: len(query["input_ids"])]
+    # "the cat" is two tokens: the query runs on into the continuation.
+    assert queries[len(rows) - 1]["query"].startswith("the cat said")
+    again = detoxify_ppo.build_queries(kept, tokenizer, args)
+    assert [q.tolist() for q in again["input_ids"]] == [q.tolist() for q in queries["input_ids"]]
+    other = detoxify_ppo.build_queries(kept, tokenizer, parse("--min-context-tokens", "6", "--max-context-tokens", "9"))
+    assert [len(q) for q in other["input_ids"]] != lengths
+
+
+def test_heldout_split_is_seeded_and_disjoint():
+    kept = detoxify_ppo.load_prompts(parse("--dataset", SAMPLE_DATA))
+    args = parse("--test-fraction", "0.25", "--seed", "5")
+    train, heldout = detoxify_ppo.split_prompts(kept, args, world_size=1)
+    names = lambda rows: {r["filename"] for r in rows}  # noqa: E731
+    assert not names(train) & names(heldout)
+    assert len(train) + len(heldout) == len(kept) and len(heldout) == pytest.approx(0.25 * len(kept), abs=1)
+    assert names(detoxify_ppo.split_prompts(kept, args, world_size=1)[1]) == names(heldout)
+
+
+def test_reference_shares_storage_of_frozen_blocks_and_stays_put_after_ppo_step(tiny_policy):
+    from trl import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_policy)
+    tokenizer.pad_token = tokenizer.eos_token
+    base = AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.bfloat16)
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(base).to(torch.bfloat16)
+    ref = detoxify_ppo.create_shared_reference(model, num_shared_layers=2)
+    config = PPOConfig(batch_size=4, mini_batch_size=2, learning_rate=1e-2, ppo_epochs=1)
+    trainer = PPOTrainer(config, model, ref, tokenizer)
+    policy = dict(trainer.model.named_parameters())
+    reference = dict(trainer.ref_model.named_parameters())
+    shared = [n for n in policy if ".wte." in n or ".wpe." in n or any(f".h.{i}." in n for i in range(2))]
+    unshared = [n for n in policy if n not in shared]
+    assert shared and any(".h.2." in n for n in unshared) and any("v_head" in n for n in unshared)
+    for name in shared:
+        assert policy[name].data_ptr() == reference[name].data_ptr(), name
+        assert not policy[name].requires_grad
+    for name in unshared:
+        if name in reference:
+            assert policy[name].data_ptr() != reference[name].data_ptr(), name
+        assert policy[name].requires_grad
+    assert not any(p.requires_grad for p in reference.values())
+    assert all(p.dtype == torch.bfloat16 for p in policy.values())
+    # The optimiser holds only trainable parameters: shared blocks cost no optimiser state.
+    optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert optimised == {id(policy[n]) for n in unshared}
+
+    before = {n: p.detach().clone() for n, p in policy.items()}
+    ref_before = {n: p.detach().clone() for n, p in reference.items()}
+    queries = [torch.tensor(tokenizer("the cat said that")["input_ids"]) for _ in range(4)]
+    responses = [torch.tensor(tokenizer(" the garden is green.")["input_ids"]) for _ in range(4)]
+    trainer.step(queries, responses, [torch.tensor(x) for x in (1.0, -1.0, 2.0, -2.0)])
+    assert all(torch.equal(policy[n], before[n]) for n in shared)
+    assert any(not torch.equal(policy[n], before[n]) for n in unshared)
+    assert all(torch.equal(p, ref_before[n]) for n, p in reference.items())
+    assert all(p.dtype == torch.bfloat16 for p in trainer.model.parameters())
+
+
+def test_default_shared_layers_follow_the_study_fraction():
+    from transformers import GPTJConfig, GPTNeoConfig
+
+    args = parse()
+    assert detoxify_ppo.resolve_shared_layers(args, GPTJConfig(n_layer=28)) == 20  # the study's GPT-J setting
+    assert detoxify_ppo.resolve_shared_layers(args, GPTNeoConfig(num_layers=12, attention_types=[[["global", "local"], 6]])) == 8
+    assert detoxify_ppo.resolve_shared_layers(parse("--num-shared-layers", "0"), GPTJConfig(n_layer=28)) == 0
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, tiny_policy, tiny_classifier):
+    out = tmp_path_factory.mktemp("run") / "out"
+    result = run_cli("detoxify_ppo.py", "--model", tiny_policy, "--reward-model", tiny_classifier,
+                     "--dataset", SAMPLE_DATA, "--steps", "4", "--save-every", "2", "--output-dir", out,
+                     "--log-with", "tensorboard")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_cli_writes_checkpoints_that_reload_and_generate(cli_run, tiny_policy):
+    out, result = cli_run
+    assert "saved" in result.stdout + result.stderr
+    for name in ("checkpoint-2", "final"):
+        files = os.listdir(out / name)
+        assert "model.safetensors" in files and "value_head.safetensors" in files
+        assert not any(f.endswith((".bin", ".pt")) for f in files)
+    assert not (out / "checkpoint-4").exists()  # the last step goes to final/
+    assert json.load(open(out / "final" / "training_args.json"))["steps"] == 4
+    model, info = AutoModelForCausalLM.from_pretrained(out / "final", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert model.dtype == torch.bfloat16
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    prompt = tokenizer("the cat said that", return_tensors="pt")
+    generated = model.generate(**prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                               pad_token_id=tokenizer.eos_token_id)
+    assert generated.shape[1] == prompt["input_ids"].shape[1] + 5
+    # Training moved the unshared blocks and left the shared ones exactly as loaded.
+    start = AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.bfloat16).state_dict()
+    trained = model.state_dict()
+    assert all(torch.equal(trained[k], start[k]) for k in start if ".h.0." in k or ".h.1." in k)
+    assert any(not torch.equal(trained[k], start[k]) for k in start if ".h.3." in k)
+    assert os.listdir(out / "logs")  # tensorboard events
+
+
+def test_cli_logs_every_step_and_rewards_are_the_nothate_logit_of_the_response(cli_run, tiny_classifier):
+    out, _ = cli_run
+    stats = [json.loads(line) for line in open(out / "stats.jsonl")]
+    assert [s["step"] for s in stats] == [1, 2, 3, 4]
+    assert all({"objective/kl", "ppo/loss/total", "env/reward_mean", "time/generate"} <= s.keys() for s in stats)
+    samples = [json.loads(line) for line in open(out / "samples.jsonl")]
+    assert len(samples) == 4 * 16
+    tokenizer, model = load_classifier(tiny_classifier, "cpu")
+    responses = [s["response"] for s in samples]
+    direct = classifier_logits(tokenizer, model, responses)[:, 0]  # index 0 is "nothate"
+    assert torch.allclose(torch.tensor([s["reward"] for s in samples]), direct, atol=1e-4)
+    with_prompt = classifier_logits(tokenizer, model, [s["query"] + s["response"] for s in samples])[:, 0]
+    assert not torch.allclose(with_prompt, direct, atol=1e-2)  # the prompt is not part of what is scored
+    policy_tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    lengths = [len(policy_tokenizer(s["response"])["input_ids"]) for s in samples]
+    assert max(lengths) <= 30 and len(set(lengths)) > 1
+    kept = detoxify_ppo.load_prompts(parse("--dataset", SAMPLE_DATA))
+    heldout = [json.loads(line)["filename"] for line in open(out / "heldout_prompts.jsonl")]
+    assert len(heldout) == len(set(heldout)) == math.ceil(0.2 * len(kept))  # datasets rounds the test share up
+
+
+def test_gradient_checkpointing_still_trains_blocks_after_frozen_ones(tmp_path, tiny_policy, tiny_classifier):
+    out = tmp_path / "out"
+    detoxify_ppo.main(["--model", tiny_policy, "--reward-model", tiny_classifier, "--dataset", SAMPLE_DATA,
+                       "--steps", "1", "--output-dir", str(out), "--gradient-checkpointing", "--dtype", "float32"])
+    start = AutoModelForCausalLM.from_pretrained(tiny_policy).state_dict()
+    trained = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
+    assert any(not torch.equal(trained[k], start[k]) for k in start if ".h.2." in k)
+    assert all(torch.equal(trained[k], start[k]) for k in start if ".h.1." in k)
+
+
+def test_ppo_halves_the_toxic_share_of_a_tiny_policy(tmp_path, tiny_policy, tiny_classifier):
+    """Learning test: the policy says insults in about half its samples; PPO on the classifier's reward cuts that."""
+
+    def toxic_share(path):
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        torch.manual_seed(0)
+        prompts = ["the cat said that my neighbour", "a driver thinks the teacher", "our team told me the bird",
+                   "his sister claimed a driver"]
+        texts = []
+        for prompt in prompts:
+            enc = tokenizer([prompt] * 64, return_tensors="pt")
+            out = model.generate(**enc, do_sample=True, top_k=0, top_p=1.0, max_new_tokens=20,
+                                 pad_token_id=tokenizer.eos_token_id)
+            texts += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return sum(map(make_tiny_models.is_toxic_text, texts)) / len(texts)
+
+    out = tmp_path / "out"
+    result = run_cli("detoxify_ppo.py", "--model", tiny_policy, "--reward-model", tiny_classifier,
+                     "--dataset", SAMPLE_DATA, "--steps", "30", "--learning-rate", "1e-3", "--dtype", "float32",
+                     "--save-every", "0", "--output-dir", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    before, after = toxic_share(tiny_policy), toxic_share(out / "final")
+    print(f"toxic share before {before:.3f} after {after:.3f}")
+    assert before > 0.3
+    assert after <= before / 2
+
+
+def bad_rows(tmp_path, name, mutate):
+    rows = [rtp_row(i, f"prompt {i}", 0.9) for i in range(40)]
+    for row in rows:
+        mutate(row)
+    return write_jsonl(tmp_path / f"{name}.jsonl", rows)
+
+
+BAD_INPUTS = {
+    "missing model": (lambda t, m, c: ["--model", str(t / "nope")], "model"),
+    "missing reward model": (lambda t, m, c: ["--reward-model", str(t / "nope")], "reward model"),
+    "missing dataset": (lambda t, m, c: ["--dataset", str(t / "nope.jsonl")], "dataset"),
+    "no prompt.text": (lambda t, m, c: ["--dataset", bad_rows(t, "notext", lambda r: r["prompt"].pop("text"))], "prompt.text"),
+    "no prompt.toxicity": (lambda t, m, c: ["--dataset", bad_rows(t, "notox", lambda r: r["prompt"].pop("toxicity"))], "prompt.toxicity"),
+    "too few kept rows": (lambda t, m, c: ["--toxicity-threshold", "0.99"], "one batch needs 16"),
+    "batch not divisible": (lambda t, m, c: ["--batch-size", "10", "--mini-batch-size", "4"], "multiple of --mini-batch-size"),
+    "shared layers >= blocks": (lambda t, m, c: ["--num-shared-layers", "4"], "below the model's block count (4)"),
+    "context min > max": (lambda t, m, c: ["--min-context-tokens", "9", "--max-context-tokens", "5"], "--min-context-tokens"),
+    "new tokens min > max": (lambda t, m, c: ["--min-new-tokens", "31"], "--min-new-tokens"),
+    "unknown reward label": (lambda t, m, c: ["--reward-label", "neutral"], "no label 'neutral'"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
+def test_bad_input_stops_before_training_with_a_clear_message(case, tmp_path, tiny_policy, tiny_classifier):
+    make_args, message = BAD_INPUTS[case]
+    argv = ["--model", tiny_policy, "--reward-model", tiny_classifier, "--dataset", SAMPLE_DATA,
+            "--output-dir", str(tmp_path / "out"), "--steps", "1"]
+    argv += make_args(tmp_path, tiny_policy, tiny_classifier)
+    with pytest.raises(SystemExit) as stop:
+        detoxify_ppo.main(argv)
+    assert str(stop.value).startswith("error:") and message in str(stop.value)
+    assert "\n" not in str(stop.value)
+    assert not (tmp_path / "out" / "final").exists()
+
+
+def test_cli_refuses_to_overwrite_checkpoints_and_exits_nonzero(tmp_path, tiny_policy, tiny_classifier):
+    out = tmp_path / "out"
+    (out / "final").mkdir(parents=True)
+    (out / "final" / "model.safetensors").write_text("previous result")
+    result = run_cli("detoxify_ppo.py", "--model", tiny_policy, "--reward-model", tiny_classifier,
+                     "--dataset", SAMPLE_DATA, "--output-dir", out)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --output-dir")
+    assert (out / "final" / "model.safetensors").read_text() == "previous result"
