@@ -10,6 +10,7 @@ shares: same storage) the policy's first blocks so GPT-J-6B fits one 40 GB GPU.
 """
 
 import copy
+import functools
 import json
 import math
 import os
@@ -188,6 +189,53 @@ def collate(rows):
     return {key: [row[key] for row in rows] for key in rows[0]}
 
 
+def make_ppo_config(args, total_steps):
+    from trl import PPOConfig
+
+    return PPOConfig(
+        model_name=args.model, query_dataset=args.dataset, reward_model=args.reward_model, seed=args.seed,
+        log_with=None if args.log_with == "none" else args.log_with, learning_rate=args.learning_rate,
+        batch_size=args.batch_size, mini_batch_size=args.mini_batch_size, ppo_epochs=args.ppo_epochs,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, init_kl_coef=args.init_kl_coef,
+        adap_kl_ctrl=args.adap_kl_ctrl, target=args.target_kl, steps=total_steps * args.batch_size,
+        gradient_checkpointing=args.gradient_checkpointing, tracker_project_name="detox",
+        project_kwargs={"logging_dir": os.path.join(args.output_dir, "logs")},
+    )
+
+
+def sample_responses(ppo_trainer, tokenizer, query_tensors, lengths):
+    """One batched generate; each response is then cut to its own drawn length, which is the same
+    distribution as sampling that many tokens (trl also cuts each response after its first eos)."""
+    responses = ppo_trainer.generate(query_tensors, batch_size=len(query_tensors), return_prompt=False,
+                                     max_new_tokens=int(max(lengths)), do_sample=True, top_k=0, top_p=1.0,
+                                     pad_token_id=tokenizer.eos_token_id)
+    return [r[:n] for r, n in zip(responses, lengths)]
+
+
+def score_responses(reward_tokenizer, reward_model, reward_index, texts, batch_size=64):
+    """Rewards (1-d tensor), one per text: the raw logit of class reward_index, on the response text alone, never the prompt."""
+    return classifier_logits(reward_tokenizer, reward_model, texts, batch_size)[:, reward_index]
+
+
+def ppo_step(ppo_trainer, tokenizer, reward_fn, batch, lengths, step):
+    """Generate, score and optimise one batch; stats include seconds per phase. Stops on non-finite values."""
+    t0 = time.perf_counter()
+    responses = sample_responses(ppo_trainer, tokenizer, batch["input_ids"], lengths)
+    batch["response"] = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    t1 = time.perf_counter()
+    scores = reward_fn(batch["response"])
+    if not torch.isfinite(scores).all():  # one host sync for the whole batch
+        fail(f"non-finite reward at step {step}; the last checkpoint is kept, nothing more is saved")
+    rewards = list(scores)
+    t2 = time.perf_counter()
+    stats = ppo_trainer.step(batch["input_ids"], responses, rewards)
+    t3 = time.perf_counter()
+    if not math.isfinite(float(stats["ppo/loss/total"])):
+        fail(f"non-finite PPO loss at step {step}; the last checkpoint is kept, nothing more is saved")
+    stats.update({"time/generate": t1 - t0, "time/reward": t2 - t1, "time/optimize": t3 - t2})
+    return stats, responses, rewards
+
+
 def save_checkpoint(ppo_trainer, tokenizer, args, path):
     """Write a plain causal-LM checkpoint (safetensors) plus value head and arguments; atomic via rename."""
     if not ppo_trainer.accelerator.is_main_process:
@@ -223,7 +271,7 @@ def main(argv=None):
 
     # Heavy imports after the checks, so bad input fails fast.
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer, set_seed
+    from trl import AutoModelForCausalLMWithValueHead, PPOTrainer, set_seed
 
     set_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
@@ -240,18 +288,11 @@ def main(argv=None):
 
     steps_per_pass = len(queries) // (args.batch_size * state.num_processes)
     total_steps = args.steps or steps_per_pass
-    config = PPOConfig(
-        model_name=args.model, query_dataset=args.dataset, reward_model=args.reward_model, seed=args.seed,
-        log_with=None if args.log_with == "none" else args.log_with, learning_rate=args.learning_rate,
-        batch_size=args.batch_size, mini_batch_size=args.mini_batch_size, ppo_epochs=args.ppo_epochs,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, init_kl_coef=args.init_kl_coef,
-        adap_kl_ctrl=args.adap_kl_ctrl, target=args.target_kl, steps=total_steps * args.batch_size,
-        gradient_checkpointing=args.gradient_checkpointing, tracker_project_name="detox",
-        project_kwargs={"logging_dir": os.path.join(args.output_dir, "logs")},
-    )
-    ppo_trainer = PPOTrainer(config, model, ref_model, tokenizer, dataset=queries, data_collator=collate)
-    device = ppo_trainer.accelerator.device
-    reward_tokenizer, reward_model = load_classifier(args.reward_model, device)
+    ppo_trainer = PPOTrainer(make_ppo_config(args, total_steps), model, ref_model, tokenizer, dataset=queries,
+                             data_collator=collate)
+    reward_tokenizer, reward_model = load_classifier(args.reward_model, ppo_trainer.accelerator.device)
+    reward_fn = functools.partial(score_responses, reward_tokenizer, reward_model, reward_index,
+                                  batch_size=args.reward_batch_size)
 
     with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
         json.dump(asdict(args), f, indent=2)
@@ -262,7 +303,6 @@ def main(argv=None):
                 f"{args.batch_size} x {state.num_processes} process(es) = {args.batch_size * state.num_processes} episodes")
 
     rng = np.random.default_rng(args.seed + state.process_index)  # response lengths
-    generation_kwargs = {"do_sample": True, "top_k": 0, "top_p": 1.0, "pad_token_id": tokenizer.eos_token_id}
     from tqdm.auto import tqdm
     progress = tqdm(total=total_steps, desc="PPO", disable=not state.is_main_process, dynamic_ncols=True)
     # Every step's scalars and every episode (query, response, reward) are kept as JSON lines.
@@ -273,27 +313,8 @@ def main(argv=None):
         for batch in ppo_trainer.dataloader:
             if step >= total_steps:
                 break
-            t0 = time.time()
-            # One batched generate; each response is then cut to its own drawn length, which is
-            # the same distribution as sampling that many tokens.
             lengths = rng.integers(args.min_new_tokens, args.max_new_tokens + 1, size=len(batch["input_ids"]))
-            query_tensors = batch["input_ids"]
-            responses = ppo_trainer.generate(query_tensors, batch_size=len(query_tensors), return_prompt=False,
-                                             max_new_tokens=int(lengths.max()), **generation_kwargs)
-            responses = [r[:n] for r, n in zip(responses, lengths)]
-            batch["response"] = tokenizer.batch_decode(responses, skip_special_tokens=True)
-            t1 = time.time()
-            # Reward on the response text alone, never the prompt.
-            logits = classifier_logits(reward_tokenizer, reward_model, batch["response"], args.reward_batch_size)
-            rewards = list(logits[:, reward_index].to(device))
-            if not all(torch.isfinite(r) for r in rewards):
-                fail(f"non-finite reward at step {step + 1}; the last checkpoint is kept, nothing more is saved")
-            t2 = time.time()
-            stats = ppo_trainer.step(query_tensors, responses, rewards)
-            t3 = time.time()
-            if not math.isfinite(float(stats["ppo/loss/total"])):
-                fail(f"non-finite PPO loss at step {step + 1}; the last checkpoint is kept, nothing more is saved")
-            stats.update({"time/generate": t1 - t0, "time/reward": t2 - t1, "time/optimize": t3 - t2})
+            stats, responses, rewards = ppo_step(ppo_trainer, tokenizer, reward_fn, batch, lengths, step + 1)
             ppo_trainer.log_stats(stats, batch, rewards)
             step += 1
             reward_mean = torch.stack(rewards).float().mean().item()
