@@ -12,10 +12,13 @@ shares: same storage) the policy's first blocks so GPT-J-6B fits one 40 GB GPU.
 import copy
 import functools
 import json
-import math
 import os
+import random
+import re
 import shutil
+import signal
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -31,6 +34,8 @@ from detox_common import classifier_logits, fail, label_index, load_classifier, 
 # past_key_values argument trl's value-head model passes, say nothing a user can act on.
 warnings.filterwarnings("ignore", message=r".*(PPOTrainer|PPOConfig)` is deprecated")
 warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated")
+# Batches are drawn by batch_indices() (seeded, resumable, sharded per process), not by trl's dataloader.
+warnings.filterwarnings("ignore", message=r"No dataset is provided")
 
 # The study shared 20 of GPT-J-6B's 28 blocks; the default keeps that fraction for every model size.
 DEFAULT_SHARED_FRACTION = 20 / 28
@@ -68,6 +73,8 @@ class Args:
     log_with: str = field(default="none", metadata={"help": "tracker: tensorboard, wandb or none (stats.jsonl is always written)"})
     output_dir: str = field(default="out", metadata={"help": "checkpoints, arguments and stats go here"})
     save_every: int = field(default=100, metadata={"help": "write checkpoint-STEP every this many steps (0: only the final model)"})
+    save_total_limit: Optional[int] = field(default=None, metadata={"help": "keep only the newest K checkpoint-STEP folders"})
+    resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "a checkpoint-STEP folder to resume from, or 'auto' for the newest in --output-dir"})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "allow writing into an output dir that already holds checkpoints"})
 
 
@@ -90,12 +97,17 @@ def check_args(args):
         fail(f"--num-shared-layers must be >= 0, got {args.num_shared_layers}")
     if (args.steps is not None and args.steps < 1) or args.save_every < 0 or args.ppo_epochs < 1:
         fail("--steps and --ppo-epochs must be >= 1 and --save-every >= 0")
-    if os.path.isdir(args.output_dir) and not args.overwrite_output_dir and any(
+    if args.save_total_limit is not None and args.save_total_limit < 1:
+        fail(f"--save-total-limit must be >= 1, got {args.save_total_limit}")
+    if os.path.isdir(args.output_dir) and not args.overwrite_output_dir and not args.resume_from_checkpoint and any(
             name.startswith("checkpoint-") or name == "final" for name in os.listdir(args.output_dir)):
         fail(f"--output-dir {args.output_dir} already holds checkpoints; pick another folder or pass --overwrite-output-dir")
-    os.makedirs(args.output_dir, exist_ok=True)
-    if not os.access(args.output_dir, os.W_OK):
-        fail(f"--output-dir {args.output_dir} is not writable; pick another folder")
+    try:  # a real write: os.access says yes to root even on a read-only mount
+        os.makedirs(args.output_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=args.output_dir):
+            pass
+    except OSError as e:
+        fail(f"--output-dir {args.output_dir} is not writable ({e.strerror}); pick another folder")
 
 
 def num_blocks(config):
@@ -225,33 +237,225 @@ def ppo_step(ppo_trainer, tokenizer, reward_fn, batch, lengths, step):
     t1 = time.perf_counter()
     scores = reward_fn(batch["response"])
     if not torch.isfinite(scores).all():  # one host sync for the whole batch
-        fail(f"non-finite reward at step {step}; the last checkpoint is kept, nothing more is saved")
+        fail(f"non-finite reward at step {step}; stopped without saving, the last checkpoint in the output folder "
+             "is intact (check --reward-model)")
     rewards = list(scores)
     t2 = time.perf_counter()
     stats = ppo_trainer.step(batch["input_ids"], responses, rewards)
     t3 = time.perf_counter()
-    if not math.isfinite(float(stats["ppo/loss/total"])):
-        fail(f"non-finite PPO loss at step {step}; the last checkpoint is kept, nothing more is saved")
+    check_finite(stats, step)
     stats.update({"time/generate": t1 - t0, "time/reward": t2 - t1, "time/optimize": t3 - t2})
     return stats, responses, rewards
 
 
-def save_checkpoint(ppo_trainer, tokenizer, args, path):
-    """Write a plain causal-LM checkpoint (safetensors) plus value head and arguments; atomic via rename."""
-    if not ppo_trainer.accelerator.is_main_process:
-        return
-    model = ppo_trainer.accelerator.unwrap_model(ppo_trainer.model)
+# What a checkpoint must hold to resume; anything missing or unreadable is reported by name.
+CHECKPOINT_FILES = ["config.json", "model.safetensors", "value_head.safetensors", "optimizer.pt", "trainer_state.json",
+                    "rng_state_0.pth", "training_args.json"]
+# Arguments that decide which batches come in which order: a resumed run must keep them.
+DATA_ORDER_ARGS = ["model", "dataset", "dataset_split", "toxicity_threshold", "test_fraction", "min_context_tokens",
+                   "max_context_tokens", "min_new_tokens", "max_new_tokens", "batch_size", "seed", "num_shared_layers"]
+
+
+def batch_indices(step, num_rows, batch_size, num_processes, process_index, seed):
+    """Rows of `step` for this process: a seeded permutation per pass, cut into per-process batches.
+
+    The order depends only on (seed, step), so a resumed run sees exactly the batches an uninterrupted one would.
+    """
+    steps_per_pass = num_rows // (batch_size * num_processes)
+    epoch, position = divmod(step, steps_per_pass)
+    order = np.random.default_rng([seed, epoch]).permutation(num_rows)
+    start = (position * num_processes + process_index) * batch_size
+    return order[start:start + batch_size].tolist()
+
+
+def response_lengths(step, size, args, process_index):
+    """Seeded per (step, process): resuming needs no generator state."""
+    rng = np.random.default_rng([args.seed, process_index, step])
+    return rng.integers(args.min_new_tokens, args.max_new_tokens + 1, size=size)
+
+
+def estimate_checkpoint_bytes(config, dtype, num_shared_layers, trust_remote_code=False):
+    """Weights plus Adam state (two moments of the trainable part), counted on a weightless meta model."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    total = sum(p.numel() for p in model.parameters())
+    shared_names = set(shared_parameter_names(model, num_shared_layers))
+    trainable = sum(p.numel() for n, p in model.named_parameters() if n not in shared_names)
+    return (total + 2 * trainable) * torch.tensor([], dtype=dtype).element_size()
+
+
+def check_disk(args, policy_config, num_shared_layers):
+    need = estimate_checkpoint_bytes(policy_config, getattr(torch, args.dtype), num_shared_layers, args.trust_remote_code)
+    free = shutil.disk_usage(args.output_dir).free
+    if free < need:
+        fail(f"--output-dir {args.output_dir} has {free / 1e9:.2f} GB free but one checkpoint needs about "
+             f"{need / 1e9:.2f} GB; free some space or pick another folder")
+
+
+def check_finite(stats, step):
+    """Stop on a non-finite loss, KL or log-probability; nothing after the last good checkpoint is saved."""
+    for key in ("ppo/loss/total", "ppo/loss/policy", "ppo/loss/value", "objective/kl", "objective/logprobs",
+                "objective/ref_logprobs"):
+        if key in stats and not np.isfinite(np.asarray(stats[key], dtype=np.float64)).all():
+            fail(f"non-finite {key} at step {step}; stopped without saving, the last checkpoint in the output "
+                 "folder is intact (try a lower --learning-rate or --dtype float32)")
+
+
+def rng_state():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def fsync_tree(folder):
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+
+
+def save_checkpoint(ppo_trainer, tokenizer, args, path, step):
+    """Write everything a resume needs into PATH.tmp, flush it, then rename: a crash leaves the old one whole.
+
+    PATH holds a plain causal LM in safetensors (AutoModelForCausalLM.from_pretrained(PATH) loads it), its
+    tokenizer, the value head, the optimizer, the KL controller, the step and every process's RNG state.
+    """
+    accelerator = ppo_trainer.accelerator
     tmp = f"{path}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.pretrained_model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    from safetensors.torch import save_file
-    save_file({k: v.contiguous() for k, v in model.v_head.state_dict().items()}, os.path.join(tmp, "value_head.safetensors"))
-    with open(os.path.join(tmp, "training_args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=2)
-    if os.path.exists(path):
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    accelerator.wait_for_everyone()
+    torch.save(rng_state(), os.path.join(tmp, f"rng_state_{accelerator.process_index}.pth"))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        from safetensors.torch import save_file
+
+        model = accelerator.unwrap_model(ppo_trainer.model)
+        model.pretrained_model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        save_file({k: v.contiguous() for k, v in model.v_head.state_dict().items()},
+                  os.path.join(tmp, "value_head.safetensors"))
+        torch.save(ppo_trainer.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump({"step": step, "kl_coef": float(ppo_trainer.kl_ctl.value), "num_processes": accelerator.num_processes}, f)
+        with open(os.path.join(tmp, "training_args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+        fsync_tree(tmp)
+        old = f"{path}.old"
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def prune_checkpoints(output_dir, keep):
+    """Keep the newest `keep` checkpoint-STEP folders (final/ is never pruned)."""
+    steps = sorted(int(m.group(1)) for name in os.listdir(output_dir) if (m := re.fullmatch(r"checkpoint-(\d+)", name)))
+    for step in steps[:-keep] if keep else []:
+        shutil.rmtree(os.path.join(output_dir, f"checkpoint-{step}"), ignore_errors=True)
+
+
+def find_checkpoint(args):
+    """The folder --resume-from-checkpoint names ('auto': the newest checkpoint-STEP in --output-dir), checked whole."""
+    path = args.resume_from_checkpoint
+    if path == "auto":
+        names = [n for n in os.listdir(args.output_dir) if re.fullmatch(r"checkpoint-\d+", n)] if os.path.isdir(args.output_dir) else []
+        if not names:  # nothing to resume: a pre-empted job can rerun one command from the start
+            if os.path.isdir(os.path.join(args.output_dir, "final")):
+                fail(f"{args.output_dir} already holds a finished run (final/); pick another --output-dir")
+            return None
+        path = os.path.join(args.output_dir, max(names, key=lambda n: int(n.split("-")[1])))
+    if not os.path.isdir(path):
+        fail(f"--resume-from-checkpoint {path}: no such folder")
+    missing = [name for name in CHECKPOINT_FILES if not os.path.isfile(os.path.join(path, name))]
+    if missing:
+        fail(f"checkpoint {path} is incomplete: missing {', '.join(missing)}; resume from an earlier checkpoint")
+    try:
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            state = json.load(f)
+        with open(os.path.join(path, "training_args.json")) as f:
+            saved_args = json.load(f)
+        from safetensors import safe_open
+
+        for name in ("model.safetensors", "value_head.safetensors"):
+            with safe_open(os.path.join(path, name), "pt") as f:
+                for key in f.keys():
+                    f.get_slice(key)  # reads every header entry; a truncated file fails here
+            if os.path.getsize(os.path.join(path, name)) < safetensors_data_end(os.path.join(path, name)):
+                raise ValueError(f"{name} is truncated")
+    except Exception as e:
+        fail(f"checkpoint {path} is corrupt ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+             "resume from an earlier checkpoint")
+    changed = [k for k in DATA_ORDER_ARGS if saved_args.get(k) != getattr(args, k)]
+    if changed:
+        fail(f"checkpoint {path} was trained with other {', '.join('--' + k.replace('_', '-') for k in changed)} "
+             f"({', '.join(f'{k}={saved_args.get(k)!r}' for k in changed)}); resume with the same values")
+    return path, state
+
+
+def safetensors_data_end(path):
+    """Byte offset where a complete safetensors file ends, from its header."""
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    return 8 + header_len + max(ends, default=0)
+
+
+def load_checkpoint(ppo_trainer, path, state):
+    """Restore weights, value head, optimizer, KL coefficient and this process's RNG state."""
+    from safetensors.torch import load_file
+
+    accelerator = ppo_trainer.accelerator
+    model = accelerator.unwrap_model(ppo_trainer.model)
+    weights = load_file(os.path.join(path, "model.safetensors"), device=str(accelerator.device))
+    current = model.pretrained_model.state_dict()
+    loaded = {current[k].data_ptr() for k in weights if k in current}
+    missing = [k for k in current if k not in weights and current[k].data_ptr() not in loaded]  # tied ones are loaded
+    unexpected = [k for k in weights if k not in current]
+    if missing or unexpected:
+        fail(f"checkpoint {path} does not fit --model {model.config._name_or_path}: missing {missing[:3]}, "
+             f"unexpected {unexpected[:3]}")
+    model.pretrained_model.load_state_dict(weights, strict=False)
+    model.v_head.load_state_dict(load_file(os.path.join(path, "value_head.safetensors"), device=str(accelerator.device)))
+    ppo_trainer.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=accelerator.device,
+                                                     weights_only=False))
+    ppo_trainer.kl_ctl.value = state["kl_coef"]
+    rng_file = os.path.join(path, f"rng_state_{accelerator.process_index}.pth")
+    if os.path.isfile(rng_file):
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return state["step"]
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop finishes the step in flight, saves and exits. A second signal kills."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        self.signal = signum
+        signal.signal(signum, signal.SIG_DFL)
+
+    def agreed(self, accelerator):
+        """True on every process once any process was signalled (so all ranks stop at the same step)."""
+        flag = torch.tensor([float(self.signal is not None)], device=accelerator.device)
+        if accelerator.num_processes > 1:
+            flag = accelerator.reduce(flag, reduction="sum")
+        return bool(flag.item())
 
 
 def main(argv=None):
@@ -263,6 +467,10 @@ def main(argv=None):
     reward_config = load_config(args.reward_model, "reward model")
     reward_index = label_index(reward_config, args.reward_label, f"reward model {args.reward_model}")
     num_shared_layers = resolve_shared_layers(args, policy_config)
+    resume = find_checkpoint(args) if args.resume_from_checkpoint else None
+    if args.resume_from_checkpoint == "auto" and resume is None:
+        print(f"--resume-from-checkpoint auto: no checkpoint in {args.output_dir}, starting from step 0")
+    check_disk(args, policy_config, num_shared_layers)
 
     from accelerate import PartialState
     state = PartialState()
@@ -284,60 +492,80 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype)
     base = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
     model = AutoModelForCausalLMWithValueHead.from_pretrained(base).to(device=state.device, dtype=dtype)
+    # The reference is built from the base weights; a resumed policy gets its trained weights afterwards.
     ref_model = create_shared_reference(model, num_shared_layers)
 
-    steps_per_pass = len(queries) // (args.batch_size * state.num_processes)
-    total_steps = args.steps or steps_per_pass
-    ppo_trainer = PPOTrainer(make_ppo_config(args, total_steps), model, ref_model, tokenizer, dataset=queries,
-                             data_collator=collate)
-    reward_tokenizer, reward_model = load_classifier(args.reward_model, ppo_trainer.accelerator.device)
+    total_steps = args.steps or len(queries) // (args.batch_size * state.num_processes)
+    ppo_trainer = PPOTrainer(make_ppo_config(args, total_steps), model, ref_model, tokenizer)
+    accelerator = ppo_trainer.accelerator
+    reward_tokenizer, reward_model = load_classifier(args.reward_model, accelerator.device)
     reward_fn = functools.partial(score_responses, reward_tokenizer, reward_model, reward_index,
                                   batch_size=args.reward_batch_size)
+    start_step = load_checkpoint(ppo_trainer, *resume) if resume else 0
+    if start_step >= total_steps:
+        fail(f"checkpoint {resume[0]} is at step {start_step}, not below --steps {total_steps}; nothing to do")
 
-    with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=2)
+    if state.is_main_process:
+        with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     state.print(f"policy {args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, {trainable:,} trainable; "
                 f"{num_shared_layers}/{num_blocks(policy_config)} blocks shared with the reference; "
                 f"{len(queries)} training prompts, {len(heldout_rows)} held out; {total_steps} steps of "
-                f"{args.batch_size} x {state.num_processes} process(es) = {args.batch_size * state.num_processes} episodes")
+                f"{args.batch_size} x {state.num_processes} process(es) = {args.batch_size * state.num_processes} "
+                "episodes" + (f"; resuming from {resume[0]} at step {start_step}" if resume else ""))
 
-    rng = np.random.default_rng(args.seed + state.process_index)  # response lengths
     from tqdm.auto import tqdm
-    progress = tqdm(total=total_steps, desc="PPO", disable=not state.is_main_process, dynamic_ncols=True)
-    # Every step's scalars and every episode (query, response, reward) are kept as JSON lines.
-    stats_file = open(os.path.join(args.output_dir, "stats.jsonl"), "w") if state.is_main_process else None
-    samples_file = open(os.path.join(args.output_dir, "samples.jsonl"), "w") if state.is_main_process else None
-    step = 0
-    while step < total_steps:
-        for batch in ppo_trainer.dataloader:
-            if step >= total_steps:
-                break
-            lengths = rng.integers(args.min_new_tokens, args.max_new_tokens + 1, size=len(batch["input_ids"]))
-            stats, responses, rewards = ppo_step(ppo_trainer, tokenizer, reward_fn, batch, lengths, step + 1)
+    progress = tqdm(total=total_steps, initial=start_step, desc="PPO", disable=not state.is_main_process,
+                    dynamic_ncols=True)
+    # Every step's scalars and every episode (query, response, reward) are kept as JSON lines; a resumed
+    # run drops lines past its checkpoint, so the files match an uninterrupted run.
+    log_files = {}
+    if state.is_main_process:
+        for name in ("stats", "samples"):
+            path = os.path.join(args.output_dir, f"{name}.jsonl")
+            lines = open(path).readlines() if resume and os.path.exists(path) else []
+            log_files[name] = open(path, "w")
+            log_files[name].writelines(line for line in lines if json.loads(line)["step"] <= start_step)
+    stop = StopRequest()
+    try:  # the progress bar and log files close before any error line is printed
+        for step in range(start_step + 1, total_steps + 1):
+            rows = queries[batch_indices(step - 1, len(queries), args.batch_size, state.num_processes,
+                                         state.process_index, args.seed)]
+            batch = {"input_ids": list(rows["input_ids"]), "query": rows["query"]}
+            lengths = response_lengths(step, len(batch["query"]), args, state.process_index)
+            stats, responses, rewards = ppo_step(ppo_trainer, tokenizer, reward_fn, batch, lengths, step)
             ppo_trainer.log_stats(stats, batch, rewards)
-            step += 1
             reward_mean = torch.stack(rewards).float().mean().item()
             progress.update(1)
             progress.set_postfix(reward=f"{reward_mean:.3f}", kl=f"{float(stats['objective/kl']):.3f}")
-            if stats_file:
+            if log_files:
                 scalars = {k: float(v) for k, v in stats.items() if np.ndim(v) == 0}
-                stats_file.write(json.dumps({"step": step, "env/reward_mean": reward_mean, **scalars}) + "\n")
-                stats_file.flush()
+                log_files["stats"].write(json.dumps({"step": step, "env/reward_mean": reward_mean, **scalars}) + "\n")
                 for query, response, reward in zip(batch["query"], batch["response"], rewards):
-                    samples_file.write(json.dumps({"step": step, "query": query, "response": response,
-                                                   "reward": reward.item()}) + "\n")
-                samples_file.flush()
+                    log_files["samples"].write(json.dumps({"step": step, "query": query, "response": response,
+                                                           "reward": reward.item()}) + "\n")
+                for f in log_files.values():
+                    f.flush()
+            if stop.agreed(accelerator) and step < total_steps:
+                path = os.path.join(args.output_dir, f"checkpoint-{step}")
+                save_checkpoint(ppo_trainer, tokenizer, args, path, step)
+                name = signal.Signals(stop.signal).name if stop.signal else "a signal on another process"
+                command = " ".join(["python", *sys.argv]) if argv is None else "the same command"
+                raise SystemExit(f"interrupted by {name} at step {step}/{total_steps}; saved {path}; resume with: "
+                                 f"{command} --resume-from-checkpoint {path}")
             if args.save_every and step % args.save_every == 0 and step < total_steps:
-                save_checkpoint(ppo_trainer, tokenizer, args, os.path.join(args.output_dir, f"checkpoint-{step}"))
-    progress.close()
-    if stats_file:
-        stats_file.close()
-        samples_file.close()
+                save_checkpoint(ppo_trainer, tokenizer, args, os.path.join(args.output_dir, f"checkpoint-{step}"), step)
+                if state.is_main_process and args.save_total_limit:
+                    prune_checkpoints(args.output_dir, args.save_total_limit)
+    finally:
+        progress.close()
+        for f in log_files.values():
+            f.close()
     final = os.path.join(args.output_dir, "final")
-    save_checkpoint(ppo_trainer, tokenizer, args, final)
-    ppo_trainer.accelerator.end_training()
-    state.print(f"saved {final} after {step} steps")
+    save_checkpoint(ppo_trainer, tokenizer, args, final, total_steps)
+    accelerator.end_training()
+    state.print(f"saved {final} after {total_steps} steps")
 
 
 if __name__ == "__main__":

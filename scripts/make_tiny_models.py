@@ -55,8 +55,9 @@ def is_toxic_text(text):
     return any(word in text.split() or word + "." in text.split() for word in TOXIC)
 
 
-def build_tokenizer(texts, pad_token=None):
-    """A byte-level BPE tokenizer (the GPT-2/RoBERTa kind) trained on texts."""
+def build_tokenizer(texts, pad_token=None, wrap=False):
+    """A byte-level BPE tokenizer (the GPT-2/RoBERTa kind) trained on texts; wrap=True adds the
+    begin/end markers around every text as RoBERTa's <s> ... </s> do (so even "" is two tokens)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -65,6 +66,10 @@ def build_tokenizer(texts, pad_token=None):
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=special,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
+    if wrap:
+        eos_id = tok.token_to_id(EOS)
+        tok.post_processor = processors.TemplateProcessing(single=f"{EOS} $A {EOS}", pair=f"{EOS} $A {EOS} $B {EOS}",
+                                                           special_tokens=[(EOS, eos_id)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS,
                                    pad_token=pad_token, model_max_length=128)
 
@@ -103,7 +108,7 @@ def build_policy(out_dir, texts, steps=300, seed=0):
 def build_classifier(out_dir, texts, steps=150, seed=0):
     """A 2-layer RoBERTa classifier with labels {0: nothate, 1: hate}, trained to flag TOXIC words."""
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer(texts, pad_token="<pad>")
+    tokenizer = build_tokenizer(texts, pad_token="<pad>", wrap=True)
     config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                            intermediate_size=64, max_position_embeddings=66, pad_token_id=tokenizer.pad_token_id,
                            bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,

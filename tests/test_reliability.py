@@ -1,0 +1,183 @@
+"""Checkpoints, resume and faults of detoxify_ppo.py, through the real CLI where it matters."""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification
+
+import detoxify_ppo
+
+SAMPLE_DATA = os.path.join(ROOT, "data", "real_toxicity_prompts_sample.jsonl")
+STEPS = "30"
+
+
+def train_cmd(policy, classifier, out, *extra):
+    return [sys.executable, os.path.join(ROOT, "detoxify_ppo.py"), "--model", policy, "--reward-model", classifier,
+            "--dataset", SAMPLE_DATA, "--steps", STEPS, "--dtype", "float32", "--learning-rate", "1e-3",
+            "--output-dir", str(out), *map(str, extra)]
+
+
+def run(cmd):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+
+
+def digest(folder):
+    return {name: hashlib.sha256(open(os.path.join(folder, name), "rb").read()).hexdigest()
+            for name in sorted(os.listdir(folder))}
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_policy, tiny_classifier):
+    out = tmp_path_factory.mktemp("a") / "out"
+    result = run(train_cmd(tiny_policy, tiny_classifier, out, "--save-every", "1", "--save-total-limit", "2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory, tiny_policy, tiny_classifier):
+    """A real CLI run sent SIGTERM once two steps are logged; returns its output folder and stderr."""
+    out = tmp_path_factory.mktemp("b") / "out"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    proc = subprocess.Popen(train_cmd(tiny_policy, tiny_classifier, out, "--save-every", "0"), cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stats = out / "stats.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if stats.exists() and len(stats.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    return out, proc.returncode, stderr
+
+
+def test_save_total_limit_keeps_the_newest_checkpoints(uninterrupted):
+    names = sorted(n for n in os.listdir(uninterrupted) if n.startswith("checkpoint-"))
+    assert names == ["checkpoint-28", "checkpoint-29"]
+    assert not [n for n in os.listdir(uninterrupted) if n.endswith((".tmp", ".old"))]
+    state = json.load(open(uninterrupted / "checkpoint-29" / "trainer_state.json"))
+    assert state["step"] == 29 and state["kl_coef"] > 0
+
+
+def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(interrupted):
+    out, returncode, stderr = interrupted
+    assert returncode != 0
+    last = stderr.strip().splitlines()[-1]
+    assert "interrupted by SIGTERM at step" in last and "--resume-from-checkpoint" in last
+    step = int(last.split(" at step ")[1].split("/")[0])
+    assert 2 <= step < int(STEPS)
+    assert (out / f"checkpoint-{step}").is_dir() and not (out / "final").exists()
+    assert sorted(os.listdir(out / f"checkpoint-{step}")) == sorted(set(detoxify_ppo.CHECKPOINT_FILES) | {
+        "generation_config.json", "tokenizer.json", "tokenizer_config.json"})
+    assert len(read_jsonl(out / "stats.jsonl")) == step
+
+
+def test_resumed_run_sees_the_same_batches_and_ends_with_the_same_weights(interrupted, uninterrupted,
+                                                                          tiny_policy, tiny_classifier):
+    """Tolerance: exact. Data order and response lengths are functions of (seed, step); the optimizer, KL
+    coefficient and RNG states are restored bit for bit; float32 CPU kernels with the same thread count are
+    deterministic. Any difference means state was lost."""
+    out, _, stderr = interrupted
+    resume_from = stderr.strip().splitlines()[-1].split("--resume-from-checkpoint ")[1]
+    result = run(train_cmd(tiny_policy, tiny_classifier, out, "--save-every", "0",
+                           "--resume-from-checkpoint", resume_from))
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed, straight = read_jsonl(out / "samples.jsonl"), read_jsonl(uninterrupted / "samples.jsonl")
+    assert [(s["step"], s["query"]) for s in resumed] == [(s["step"], s["query"]) for s in straight]
+    assert [s["response"] for s in resumed] == [s["response"] for s in straight]
+    assert [s["step"] for s in read_jsonl(out / "stats.jsonl")] == list(range(1, int(STEPS) + 1))
+    a, b = load_file(uninterrupted / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    va = load_file(uninterrupted / "final" / "value_head.safetensors")
+    vb = load_file(out / "final" / "value_head.safetensors")
+    assert all(torch.equal(va[k], vb[k]) for k in va)
+
+
+def test_resume_auto_picks_the_newest_checkpoint(uninterrupted, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("checkpoint-28", "checkpoint-29"):
+        shutil.copytree(uninterrupted / name, out / name)
+    saved = json.load(open(out / "checkpoint-29" / "training_args.json"))
+    args = detoxify_ppo.Args(**{**saved, "resume_from_checkpoint": "auto", "output_dir": str(out)})
+    path, state = detoxify_ppo.find_checkpoint(args)
+    assert path.endswith("checkpoint-29") and state["step"] == 29
+
+
+def test_nan_reward_stops_and_keeps_the_last_checkpoint(interrupted, tiny_policy, tiny_classifier, tmp_path):
+    source, _, stderr = interrupted
+    step = int(stderr.strip().splitlines()[-1].split(" at step ")[1].split("/")[0])
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copytree(source / f"checkpoint-{step}", out / f"checkpoint-{step}")
+    before = digest(out / f"checkpoint-{step}")
+    broken = AutoModelForSequenceClassification.from_pretrained(tiny_classifier)
+    with torch.no_grad():
+        broken.classifier.out_proj.bias.fill_(float("nan"))  # an injected NaN: every reward is NaN
+    broken.save_pretrained(tmp_path / "nan_classifier")
+    shutil.copy(os.path.join(tiny_classifier, "tokenizer.json"), tmp_path / "nan_classifier")
+    shutil.copy(os.path.join(tiny_classifier, "tokenizer_config.json"), tmp_path / "nan_classifier")
+    result = run(train_cmd(tiny_policy, str(tmp_path / "nan_classifier"), out, "--save-every", "1",
+                           "--resume-from-checkpoint", "auto"))
+    assert result.returncode != 0
+    assert f"non-finite reward at step {step + 1}" in result.stderr.strip().splitlines()[-1]
+    assert digest(out / f"checkpoint-{step}") == before
+    assert [n for n in os.listdir(out) if n.startswith(("checkpoint-", "final"))] == [f"checkpoint-{step}"]
+
+
+def test_non_finite_log_probabilities_or_loss_stop_the_run():
+    with pytest.raises(SystemExit, match="non-finite objective/logprobs at step 7"):
+        detoxify_ppo.check_finite({"ppo/loss/total": 0.5, "objective/logprobs": [[0.1, float("nan")]]}, 7)
+    with pytest.raises(SystemExit, match="non-finite ppo/loss/total at step 3"):
+        detoxify_ppo.check_finite({"ppo/loss/total": float("inf")}, 3)
+    detoxify_ppo.check_finite({"ppo/loss/total": 0.5, "objective/logprobs": [[0.1, -2.0]]}, 1)
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint_whole(tiny_policy, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import AutoModelForCausalLMWithValueHead, PPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_policy)
+    tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_policy))
+    args = detoxify_ppo.Args(output_dir=str(tmp_path))
+    trainer = PPOTrainer(detoxify_ppo.make_ppo_config(args, 1), model, detoxify_ppo.create_shared_reference(model, 2),
+                         tokenizer)
+    path = str(tmp_path / "checkpoint-1")
+    detoxify_ppo.save_checkpoint(trainer, tokenizer, args, path, 1)
+    before = digest(path)
+    with torch.no_grad():
+        model.v_head.summary.bias.fill_(3.0)
+
+    def crash(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(detoxify_ppo.torch, "save", crash)  # dies halfway: after the weights, before optimizer.pt
+    with pytest.raises(OSError):
+        detoxify_ppo.save_checkpoint(trainer, tokenizer, args, path, 1)
+    assert digest(path) == before
+
+
+def test_too_little_free_disk_is_refused_before_models_load(tiny_policy, tiny_classifier, tmp_path, monkeypatch):
+    real = shutil.disk_usage
+    monkeypatch.setattr(detoxify_ppo.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    with pytest.raises(SystemExit, match=r"has 0.00 GB free but one checkpoint needs about"):
+        detoxify_ppo.main(["--model", tiny_policy, "--reward-model", tiny_classifier, "--dataset", SAMPLE_DATA,
+                           "--output-dir", str(tmp_path / "out")])
+    assert os.listdir(tmp_path / "out") == []
