@@ -9,6 +9,7 @@ shares: same storage) the policy's first blocks so GPT-J-6B fits one 40 GB GPU.
     accelerate launch detoxify_ppo.py --model EleutherAI/gpt-j-6B
 """
 
+import contextlib
 import copy
 import functools
 import json
@@ -197,6 +198,26 @@ def create_shared_reference(model, num_shared_layers):
     return ref_model.eval()
 
 
+@contextlib.contextmanager
+def frozen_models_skip_ddp():
+    """trl prepares the frozen reference with accelerator.prepare; on multi-CPU runs accelerate wraps even a
+    model without trainable parameters in DistributedDataParallel, which torch refuses (its multi-GPU path
+    already skips such models). Treat a fully frozen model as evaluation-only while the trainer is built."""
+    from accelerate import Accelerator
+
+    original = Accelerator.prepare_model
+
+    def prepare_model(self, model, device_placement=None, evaluation_mode=False):
+        frozen = not any(p.requires_grad for p in model.parameters())
+        return original(self, model, device_placement=device_placement, evaluation_mode=evaluation_mode or frozen)
+
+    Accelerator.prepare_model = prepare_model
+    try:
+        yield
+    finally:
+        Accelerator.prepare_model = original
+
+
 def collate(rows):
     return {key: [row[key] for row in rows] for key in rows[0]}
 
@@ -316,6 +337,19 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def check_replicas_agree(ppo_trainer, step):
+    """Data-parallel processes must hold the same weights; checked (one float per process) before each save."""
+    accelerator = ppo_trainer.accelerator
+    if accelerator.num_processes == 1:
+        return
+    model = accelerator.unwrap_model(ppo_trainer.model)
+    checksum = torch.stack([p.detach().double().sum() for p in model.parameters() if p.requires_grad]).sum()
+    sums = accelerator.gather(checksum.reshape(1)).tolist()
+    if max(sums) - min(sums) > 1e-6 * max(1.0, abs(sums[0])):
+        fail(f"weights differ across processes at step {step} ({sums}); not saving")
+    accelerator.print(f"step {step}: trainable weights identical on all {len(sums)} processes")
+
+
 def fsync_tree(folder):
     for root, _, files in os.walk(folder):
         for name in files:
@@ -330,6 +364,7 @@ def save_checkpoint(ppo_trainer, tokenizer, args, path, step):
     tokenizer, the value head, the optimizer, the KL controller, the step and every process's RNG state.
     """
     accelerator = ppo_trainer.accelerator
+    check_replicas_agree(ppo_trainer, step)
     tmp = f"{path}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -473,7 +508,11 @@ def main(argv=None):
     check_disk(args, policy_config, num_shared_layers)
 
     from accelerate import PartialState
-    state = PartialState()
+    from accelerate.utils import gather_object
+
+    # Created before trl touches accelerate: without cpu=True, processes launched on a machine without
+    # GPUs would each train alone instead of data-parallel over gloo.
+    state = PartialState(cpu=not torch.cuda.is_available())
     kept = load_prompts(args)
     train_rows, heldout_rows = split_prompts(kept, args, state.num_processes)
 
@@ -496,7 +535,8 @@ def main(argv=None):
     ref_model = create_shared_reference(model, num_shared_layers)
 
     total_steps = args.steps or len(queries) // (args.batch_size * state.num_processes)
-    ppo_trainer = PPOTrainer(make_ppo_config(args, total_steps), model, ref_model, tokenizer)
+    with frozen_models_skip_ddp():
+        ppo_trainer = PPOTrainer(make_ppo_config(args, total_steps), model, ref_model, tokenizer)
     accelerator = ppo_trainer.accelerator
     reward_tokenizer, reward_model = load_classifier(args.reward_model, accelerator.device)
     reward_fn = functools.partial(score_responses, reward_tokenizer, reward_model, reward_index,
@@ -536,15 +576,17 @@ def main(argv=None):
             lengths = response_lengths(step, len(batch["query"]), args, state.process_index)
             stats, responses, rewards = ppo_step(ppo_trainer, tokenizer, reward_fn, batch, lengths, step)
             ppo_trainer.log_stats(stats, batch, rewards)
-            reward_mean = torch.stack(rewards).float().mean().item()
+            episodes = [{"step": step, "process": state.process_index, "query": q, "response": r, "reward": w.item()}
+                        for q, r, w in zip(batch["query"], batch["response"], rewards)]
+            if state.num_processes > 1:
+                episodes = gather_object(episodes)  # every process's episodes reach samples.jsonl
+            reward_mean = float(np.mean([e["reward"] for e in episodes]))
             progress.update(1)
             progress.set_postfix(reward=f"{reward_mean:.3f}", kl=f"{float(stats['objective/kl']):.3f}")
             if log_files:
                 scalars = {k: float(v) for k, v in stats.items() if np.ndim(v) == 0}
                 log_files["stats"].write(json.dumps({"step": step, "env/reward_mean": reward_mean, **scalars}) + "\n")
-                for query, response, reward in zip(batch["query"], batch["response"], rewards):
-                    log_files["samples"].write(json.dumps({"step": step, "query": query, "response": response,
-                                                           "reward": reward.item()}) + "\n")
+                log_files["samples"].writelines(json.dumps(e) + "\n" for e in episodes)
                 for f in log_files.values():
                     f.flush()
             if stop.agreed(accelerator) and step < total_steps:
