@@ -5,6 +5,9 @@ import os
 import torch
 
 DATA_FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+# Markers around the evaluation table in a checkpoint's README.md model card (written by detoxify_ppo.py,
+# filled by evaluate_toxicity.py --update-model-card).
+CARD_RESULTS_START, CARD_RESULTS_END = "<!-- evaluate_toxicity.py results -->", "<!-- end of evaluate_toxicity.py results -->"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 

@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 import warnings
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -29,7 +30,8 @@ import numpy as np
 import torch
 from transformers import HfArgumentParser
 
-from detox_common import classifier_logits, fail, label_index, load_classifier, load_config, load_rows
+from detox_common import (CARD_RESULTS_END, CARD_RESULTS_START, classifier_logits, fail, label_index, load_classifier,
+                          load_config, load_rows)
 
 # trl is pinned on purpose (see README); its deprecation notices, and transformers' notice about the
 # past_key_values argument trl's value-head model passes, say nothing a user can act on.
@@ -77,6 +79,16 @@ class Args:
     save_total_limit: Optional[int] = field(default=None, metadata={"help": "keep only the newest K checkpoint-STEP folders"})
     resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "a checkpoint-STEP folder to resume from, or 'auto' for the newest in --output-dir"})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "allow writing into an output dir that already holds checkpoints"})
+    use_peft: bool = field(default=False, metadata={"help": "train LoRA adapters (plus the value head); the reference is the same model with adapters disabled"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    lora_target_modules: Optional[list[str]] = field(default=None, metadata={"help": "modules to adapt (default: peft's choice for the architecture, q_proj v_proj for GPT-Neo/GPT-J)"})
+    load_in_8bit: bool = field(default=False, metadata={"help": "load the base model in 8 bit through bitsandbytes (GPU, with --use-peft)"})
+    load_in_4bit: bool = field(default=False, metadata={"help": "load the base model in 4 bit through bitsandbytes (GPU, with --use-peft)"})
+    merge_adapters: bool = field(default=False, metadata={"help": "also write final-merged/: the adapters merged into a plain model"})
+    push_to_hub: Optional[str] = field(default=None, metadata={"help": "upload the final model, tokenizer and card to this hub repo (owner/name)"})
+    config: Optional[str] = field(default=None, metadata={"help": "YAML file giving options; command-line flags win"})
 
 
 def check_args(args):
@@ -98,6 +110,16 @@ def check_args(args):
         fail(f"--num-shared-layers must be >= 0, got {args.num_shared_layers}")
     if (args.steps is not None and args.steps < 1) or args.save_every < 0 or args.ppo_epochs < 1:
         fail("--steps and --ppo-epochs must be >= 1 and --save-every >= 0")
+    if (args.load_in_8bit or args.load_in_4bit) and not args.use_peft:
+        fail("--load-in-8bit/--load-in-4bit train only adapters: add --use-peft")
+    if args.load_in_8bit and args.load_in_4bit:
+        fail("choose one of --load-in-8bit and --load-in-4bit")
+    if (args.load_in_8bit or args.load_in_4bit) and not torch.cuda.is_available():
+        fail("--load-in-8bit/--load-in-4bit need a CUDA GPU (bitsandbytes); on CPU use --use-peft alone")
+    if args.merge_adapters and not args.use_peft:
+        fail("--merge-adapters needs --use-peft (without it the saved model is already plain)")
+    if args.use_peft and min(args.lora_r, args.lora_alpha) < 1:
+        fail("--lora-r and --lora-alpha must be >= 1")
     if args.save_total_limit is not None and args.save_total_limit < 1:
         fail(f"--save-total-limit must be >= 1, got {args.save_total_limit}")
     if os.path.isdir(args.output_dir) and not args.overwrite_output_dir and not args.resume_from_checkpoint and any(
@@ -196,6 +218,29 @@ def create_shared_reference(model, num_shared_layers):
     for param in ref_model.parameters():
         param.requires_grad_(False)
     return ref_model.eval()
+
+
+def load_peft_policy(args, dtype, device):
+    """Base model (optionally 8/4-bit) with fresh LoRA adapters and a value head; only those two train."""
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from trl import AutoModelForCausalLMWithValueHead
+
+    quantization = None
+    if args.load_in_8bit or args.load_in_4bit:
+        quantization = BitsAndBytesConfig(load_in_8bit=args.load_in_8bit, load_in_4bit=args.load_in_4bit,
+                                          bnb_4bit_compute_dtype=dtype)
+    base = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, quantization_config=quantization,
+                                                trust_remote_code=args.trust_remote_code,
+                                                device_map={"": device} if quantization else None)
+    lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                      target_modules=args.lora_target_modules, bias="none", task_type="CAUSAL_LM")
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(base, peft_config=lora)
+    if quantization is None:
+        model = model.to(device=device, dtype=dtype)
+    else:
+        model.v_head.to(device=device, dtype=dtype)
+    return model
 
 
 @contextlib.contextmanager
@@ -357,7 +402,55 @@ def fsync_tree(folder):
                 os.fsync(f.fileno())
 
 
-def save_checkpoint(ppo_trainer, tokenizer, args, path, step):
+def model_card(args, step, summary):
+    """README.md of a checkpoint: how it was made, and the last training numbers."""
+    summary = summary or {}
+    reward = f"{summary['reward']:.4f}" if "reward" in summary else "n/a"
+    kl = f"{summary['kl']:.4f}" if "kl" in summary else "n/a"
+    base = args.model
+    method = (f"LoRA adapters (r={args.lora_r}, alpha={args.lora_alpha}, dropout={args.lora_dropout}) and a value "
+              "head; the reference is the base model with adapters disabled") if args.use_peft else (
+              f"full fine-tuning in {args.dtype} with a value head; the reference shares (stores once) the policy's "
+              f"embeddings and first {args.num_shared_layers if args.num_shared_layers is not None else '20/28 of the'} blocks")
+    return f"""---
+base_model: {base}
+library_name: transformers
+pipeline_tag: text-generation
+tags:
+- detox
+- trl
+- ppo
+- reinforcement-learning
+- detoxification
+---
+
+# {os.path.basename(os.path.normpath(args.output_dir))}: {base} detoxified with PPO
+
+Trained with detox (`detoxify_ppo.py`, TRL 0.11.4's PPOTrainer) to write less toxic continuations.
+
+| | |
+|---|---|
+| base model | `{base}` |
+| prompts | `{args.dataset}` (split {args.dataset_split}), rows with prompt.toxicity > {args.toxicity_threshold}; {args.test_fraction:.0%} held out (seed {args.seed}) |
+| queries / responses | {args.min_context_tokens}-{args.max_context_tokens} context tokens / {args.min_new_tokens}-{args.max_new_tokens} sampled tokens (top_k 0, top_p 1.0) |
+| reward | raw logit of `{args.reward_label}` from `{args.reward_model}`, on the response text only |
+| method | {method} |
+| PPO | learning rate {args.learning_rate}, batch {args.batch_size}, mini-batch {args.mini_batch_size}, gradient accumulation {args.gradient_accumulation_steps}, {args.ppo_epochs} PPO epochs, initial KL coefficient {args.init_kl_coef} ({'adaptive, target ' + str(args.target_kl) if args.adap_kl_ctrl else 'fixed'}) |
+| steps | {step} |
+| last step | mean reward {reward}, KL {kl} |
+
+The reward classifier is also the default scorer of `evaluate_toxicity.py`: judge the model with an
+independent classifier too (`--extra-toxicity-model`), and watch diversity and perplexity.
+
+## Evaluation
+
+{CARD_RESULTS_START}
+Not evaluated yet: `python evaluate_toxicity.py --models {base} THIS_FOLDER --update-model-card`
+{CARD_RESULTS_END}
+"""
+
+
+def save_checkpoint(ppo_trainer, tokenizer, args, path, step, summary=None):
     """Write everything a resume needs into PATH.tmp, flush it, then rename: a crash leaves the old one whole.
 
     PATH holds a plain causal LM in safetensors (AutoModelForCausalLM.from_pretrained(PATH) loads it), its
@@ -385,6 +478,8 @@ def save_checkpoint(ppo_trainer, tokenizer, args, path, step):
             json.dump({"step": step, "kl_coef": float(ppo_trainer.kl_ctl.value), "num_processes": accelerator.num_processes}, f)
         with open(os.path.join(tmp, "training_args.json"), "w") as f:
             json.dump(asdict(args), f, indent=2)
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            f.write(model_card(args, step, summary))
         fsync_tree(tmp)
         old = f"{path}.old"
         if os.path.exists(path):
@@ -392,6 +487,27 @@ def save_checkpoint(ppo_trainer, tokenizer, args, path, step):
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def save_merged(ppo_trainer, tokenizer, args, step, summary):
+    """final-merged/: LoRA adapters folded into the base weights, loadable by AutoModelForCausalLM alone."""
+    path = os.path.join(args.output_dir, "final-merged")
+    merged = ppo_trainer.accelerator.unwrap_model(ppo_trainer.model).pretrained_model.merge_and_unload()
+    merged.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    with open(os.path.join(path, "README.md"), "w") as f:
+        f.write(model_card(args, step, summary))
+    return path
+
+
+def push_to_hub(folder, repo_id):
+    """Upload model, tokenizer and card; training state (optimizer, RNG) stays local."""
+    import huggingface_hub
+
+    huggingface_hub.create_repo(repo_id, exist_ok=True)
+    huggingface_hub.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="Upload model detoxified with PPO",
+                                  ignore_patterns=["optimizer.pt", "rng_state_*.pth", "trainer_state.json"])
+    print(f"pushed {folder} to {repo_id}")
 
 
 def prune_checkpoints(output_dir, keep):
@@ -413,7 +529,10 @@ def find_checkpoint(args):
         path = os.path.join(args.output_dir, max(names, key=lambda n: int(n.split("-")[1])))
     if not os.path.isdir(path):
         fail(f"--resume-from-checkpoint {path}: no such folder")
-    missing = [name for name in CHECKPOINT_FILES if not os.path.isfile(os.path.join(path, name))]
+    required = CHECKPOINT_FILES if not args.use_peft else [
+        "adapter_config.json" if n == "config.json" else "adapter_model.safetensors" if n == "model.safetensors" else n
+        for n in CHECKPOINT_FILES]
+    missing = [name for name in required if not os.path.isfile(os.path.join(path, name))]
     if missing:
         fail(f"checkpoint {path} is incomplete: missing {', '.join(missing)}; resume from an earlier checkpoint")
     try:
@@ -423,7 +542,7 @@ def find_checkpoint(args):
             saved_args = json.load(f)
         from safetensors import safe_open
 
-        for name in ("model.safetensors", "value_head.safetensors"):
+        for name in ("adapter_model.safetensors" if args.use_peft else "model.safetensors", "value_head.safetensors"):
             with safe_open(os.path.join(path, name), "pt") as f:
                 for key in f.keys():
                     f.get_slice(key)  # reads every header entry; a truncated file fails here
@@ -454,6 +573,12 @@ def load_checkpoint(ppo_trainer, path, state):
 
     accelerator = ppo_trainer.accelerator
     model = accelerator.unwrap_model(ppo_trainer.model)
+    if os.path.isfile(os.path.join(path, "adapter_model.safetensors")):
+        from peft import set_peft_model_state_dict
+
+        adapters = load_file(os.path.join(path, "adapter_model.safetensors"), device=str(accelerator.device))
+        set_peft_model_state_dict(model.pretrained_model, adapters)
+        return restore_training_state(ppo_trainer, model, path, state)
     weights = load_file(os.path.join(path, "model.safetensors"), device=str(accelerator.device))
     current = model.pretrained_model.state_dict()
     loaded = {current[k].data_ptr() for k in weights if k in current}
@@ -463,6 +588,13 @@ def load_checkpoint(ppo_trainer, path, state):
         fail(f"checkpoint {path} does not fit --model {model.config._name_or_path}: missing {missing[:3]}, "
              f"unexpected {unexpected[:3]}")
     model.pretrained_model.load_state_dict(weights, strict=False)
+    return restore_training_state(ppo_trainer, model, path, state)
+
+
+def restore_training_state(ppo_trainer, model, path, state):
+    from safetensors.torch import load_file
+
+    accelerator = ppo_trainer.accelerator
     model.v_head.load_state_dict(load_file(os.path.join(path, "value_head.safetensors"), device=str(accelerator.device)))
     ppo_trainer.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=accelerator.device,
                                                      weights_only=False))
@@ -493,8 +625,31 @@ class StopRequest:
         return bool(flag.item())
 
 
+def parse_args(argv=None):
+    """Options from the command line, with defaults from --config FILE.yaml when given (flags win)."""
+    parser = HfArgumentParser(Args)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    config_path = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None)
+    if config_path:
+        import yaml
+
+        try:
+            with open(config_path) as f:
+                values = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as e:
+            fail(f"cannot read --config {config_path} ({type(e).__name__}); give a YAML file of option: value lines")
+        values = {str(k).replace("-", "_"): v for k, v in values.items()} if isinstance(values, dict) else None
+        known = {f.name for f in dataclasses.fields(Args)}
+        if values is None or set(values) - known:
+            fail(f"--config {config_path} has unknown options {sorted(set(values or {}) - known) or '(not a mapping)'}; "
+                 "see --help")
+        parser.set_defaults(**values)
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    return args
+
+
 def main(argv=None):
-    (args,) = HfArgumentParser(Args).parse_args_into_dataclasses(args=argv)
+    args = parse_args(argv)
     check_args(args)
 
     # Configs first: a wrong model name or label fails in seconds, before any weights or data load.
@@ -529,10 +684,14 @@ def main(argv=None):
         heldout_rows.to_json(os.path.join(args.output_dir, "heldout_prompts.jsonl"))
 
     dtype = getattr(torch, args.dtype)
-    base = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
-    model = AutoModelForCausalLMWithValueHead.from_pretrained(base).to(device=state.device, dtype=dtype)
-    # The reference is built from the base weights; a resumed policy gets its trained weights afterwards.
-    ref_model = create_shared_reference(model, num_shared_layers)
+    if args.use_peft:
+        model = load_peft_policy(args, dtype, state.device)
+        ref_model = None  # trl uses the policy with its adapters disabled: no second copy at all
+    else:
+        base = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
+        model = AutoModelForCausalLMWithValueHead.from_pretrained(base).to(device=state.device, dtype=dtype)
+        # The reference is built from the base weights; a resumed policy gets its trained weights afterwards.
+        ref_model = create_shared_reference(model, num_shared_layers)
 
     total_steps = args.steps or len(queries) // (args.batch_size * state.num_processes)
     with frozen_models_skip_ddp():
@@ -550,7 +709,8 @@ def main(argv=None):
             json.dump(asdict(args), f, indent=2)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     state.print(f"policy {args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, {trainable:,} trainable; "
-                f"{num_shared_layers}/{num_blocks(policy_config)} blocks shared with the reference; "
+                + ("reference = the policy with adapters disabled; " if args.use_peft else
+                   f"{num_shared_layers}/{num_blocks(policy_config)} blocks shared with the reference; ") +
                 f"{len(queries)} training prompts, {len(heldout_rows)} held out; {total_steps} steps of "
                 f"{args.batch_size} x {state.num_processes} process(es) = {args.batch_size * state.num_processes} "
                 "episodes" + (f"; resuming from {resume[0]} at step {start_step}" if resume else ""))
@@ -568,6 +728,7 @@ def main(argv=None):
             log_files[name] = open(path, "w")
             log_files[name].writelines(line for line in lines if json.loads(line)["step"] <= start_step)
     stop = StopRequest()
+    summary = None
     try:  # the progress bar and log files close before any error line is printed
         for step in range(start_step + 1, total_steps + 1):
             rows = queries[batch_indices(step - 1, len(queries), args.batch_size, state.num_processes,
@@ -583,6 +744,7 @@ def main(argv=None):
             reward_mean = float(np.mean([e["reward"] for e in episodes]))
             progress.update(1)
             progress.set_postfix(reward=f"{reward_mean:.3f}", kl=f"{float(stats['objective/kl']):.3f}")
+            summary = {"reward": reward_mean, "kl": float(stats["objective/kl"])}
             if log_files:
                 scalars = {k: float(v) for k, v in stats.items() if np.ndim(v) == 0}
                 log_files["stats"].write(json.dumps({"step": step, "env/reward_mean": reward_mean, **scalars}) + "\n")
@@ -591,13 +753,14 @@ def main(argv=None):
                     f.flush()
             if stop.agreed(accelerator) and step < total_steps:
                 path = os.path.join(args.output_dir, f"checkpoint-{step}")
-                save_checkpoint(ppo_trainer, tokenizer, args, path, step)
+                save_checkpoint(ppo_trainer, tokenizer, args, path, step, summary)
                 name = signal.Signals(stop.signal).name if stop.signal else "a signal on another process"
                 command = " ".join(["python", *sys.argv]) if argv is None else "the same command"
                 raise SystemExit(f"interrupted by {name} at step {step}/{total_steps}; saved {path}; resume with: "
                                  f"{command} --resume-from-checkpoint {path}")
             if args.save_every and step % args.save_every == 0 and step < total_steps:
-                save_checkpoint(ppo_trainer, tokenizer, args, os.path.join(args.output_dir, f"checkpoint-{step}"), step)
+                save_checkpoint(ppo_trainer, tokenizer, args, os.path.join(args.output_dir, f"checkpoint-{step}"), step,
+                                summary)
                 if state.is_main_process and args.save_total_limit:
                     prune_checkpoints(args.output_dir, args.save_total_limit)
     finally:
@@ -605,9 +768,14 @@ def main(argv=None):
         for f in log_files.values():
             f.close()
     final = os.path.join(args.output_dir, "final")
-    save_checkpoint(ppo_trainer, tokenizer, args, final, total_steps)
+    save_checkpoint(ppo_trainer, tokenizer, args, final, total_steps, summary)
     accelerator.end_training()
     state.print(f"saved {final} after {total_steps} steps")
+    if state.is_main_process and args.merge_adapters:
+        final = save_merged(ppo_trainer, tokenizer, args, total_steps, summary)
+        print(f"saved {final}: the adapters merged into a plain {args.model}")
+    if state.is_main_process and args.push_to_hub:
+        push_to_hub(final, args.push_to_hub)
 
 
 if __name__ == "__main__":

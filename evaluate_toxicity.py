@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from transformers import HfArgumentParser
 
-from detox_common import classifier_logits, fail, label_index, load_classifier, load_config, load_rows, resolve_dtype
+from detox_common import (CARD_RESULTS_END, CARD_RESULTS_START, classifier_logits, fail, label_index, load_classifier,
+                          load_config, load_rows, resolve_dtype)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WIKI_TOXIC = "OxAISH-AL-LLM/wiki_toxic"
@@ -70,6 +71,7 @@ class Args:
     fluency_model: Optional[str] = field(default=None, metadata={
         "help": "causal LM (e.g. gpt2-large) for the perplexity of generations given their prompts; off if unset"})
     output_dir: str = field(default="results", metadata={"help": "folder for the CSV, Markdown, JSONL and PNG outputs"})
+    update_model_card: bool = field(default=False, metadata={"help": "write the results table into the README.md model card of each local checkpoint evaluated"})
     resume: bool = field(default=False, metadata={"help": "skip models already in the output folder's CSV (else they are measured again)"})
 
 
@@ -332,6 +334,27 @@ def read_previous(output_dir):
     return rows, records
 
 
+def update_model_cards(rows, args):
+    """Put the results table (every model of this evaluation, for comparison) into each local model card."""
+    table = markdown_table([{k: r.get(k) for k in ("model", "n", "mean_toxicity", "std_toxicity",
+                                                     "expected_max_toxicity", "toxicity_probability", "distinct_1",
+                                                     "distinct_2", "empty_generations", "perplexity") if k in r}
+                            for r in rows])
+    text = (f"{CARD_RESULTS_START}\n`evaluate_toxicity.py` on {args.dataset}, {rows[0]['n_prompts']} prompts x "
+            f"{rows[0]['k']} samples, {args.max_new_tokens} new tokens, scored by {args.toxicity_model}:\n\n"
+            f"{table}{CARD_RESULTS_END}")
+    for row in rows:
+        card = os.path.join(row["model"], "README.md")
+        if not os.path.isfile(card):
+            continue
+        content = open(card).read()
+        if CARD_RESULTS_START in content and CARD_RESULTS_END in content:
+            content = content[:content.index(CARD_RESULTS_START)] + text + content[content.index(CARD_RESULTS_END) + len(CARD_RESULTS_END):]
+        else:
+            content = content.rstrip("\n") + "\n\n## Evaluation\n\n" + text + "\n"
+        write_atomic(card, content)
+
+
 def fmt(value):
     if isinstance(value, float):
         return "" if math.isnan(value) else f"{value:.4f}"
@@ -493,6 +516,8 @@ def main(argv=None):
                             "perplexity": ppl[j]})
         write_tables(rows, records, args.output_dir)  # after every model: a later crash keeps these rows
         plot(rows, args.output_dir)
+    if args.update_model_card:
+        update_model_cards(rows, args)
     print(markdown_table(rows), end="")
     print(f"wrote {args.output_dir}/toxicity.csv, toxicity.md, generations.jsonl, toxicity.png")
 

@@ -50,6 +50,13 @@ def broken_checkpoint(folder, name, damage):
     return out
 
 
+def text_file(folder, name, text):
+    path = os.path.join(folder, name)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
 def truncate(path):
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
@@ -91,6 +98,10 @@ TRAIN_CASES = {
         "is corrupt"),
     "resume with another seed": (lambda w: ["--resume-from-checkpoint", f"{w}/out/checkpoint-1", "--seed", "7"],
                                  "other --seed"),
+    "8-bit loading on CPU": (lambda w: ["--use-peft", "--load-in-8bit"], "need a CUDA GPU"),
+    "merge without LoRA": (lambda w: ["--merge-adapters"], "--merge-adapters needs --use-peft"),
+    "config with unknown option": (lambda w: ["--config", text_file(w, "bad.yaml", "learning-rate: 1\nsteps_: 3\n")],
+                                   "unknown options ['steps_']"),
     "resume of a finished run": (lambda w: ["--resume-from-checkpoint", f"{w}/out/final"], "nothing to do"),
 }
 
@@ -119,18 +130,11 @@ def previous_results(tmp_path_factory):
     return out
 
 
-def wiki_file(folder, name, text):
-    path = os.path.join(folder, name)
-    with open(path, "w") as f:
-        f.write(text)
-    return path
-
-
 EVAL_CASES = {
     "missing model": (lambda w, p, c: ["--models", p, f"{w}/no-such-model"], "not found: no such folder"),
     "unknown hub model": (lambda w, p, c: ["--models", "nobody-x/no-such-model"], "could not load model nobody-x/no-such-model"),
     "missing dataset": (lambda w, p, c: ["--dataset", f"{w}/no-such.csv"], "dataset"),
-    "no comment_text": (lambda w, p, c: ["--dataset", wiki_file(w, "t.csv", "id,text,label\n1,a b,1\n")],
+    "no comment_text": (lambda w, p, c: ["--dataset", text_file(w, "t.csv", "id,text,label\n1,a b,1\n")],
                         "need comment_text and label"),
     "too few toxic rows": (lambda w, p, c: ["--num-samples", "1000"], "fewer than --num-samples 1000"),
     "unknown toxic label": (lambda w, p, c: ["--toxic-label", "toxic"], "has no label 'toxic'"),

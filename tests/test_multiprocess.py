@@ -51,7 +51,7 @@ def test_weights_stay_identical_and_one_process_writes(two_process_run, tiny_pol
     assert any(not (trained[k].float() == start[k].float()).all() for k in start if ".h.3." in k)
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))),
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "accelerate", "*.yaml"))),
                          ids=lambda p: os.path.basename(p))
 def test_accelerate_configs_load(path):
     from accelerate.commands.config.config_args import load_config_from_file
