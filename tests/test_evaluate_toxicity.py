@@ -325,8 +325,7 @@ def test_perplexity_lower_on_training_text_than_shuffled(tiny_policy, corpus):
 
 
 def test_empty_generations_are_scored(tiny_classifier, tmp_path):
-    # the tiny classifier's tokenizer adds no special tokens, so "" is 0 tokens: a batch of only empty generations
-    # (a policy that learned to stop at once) must still get scores, the same as the end-of-text token gets
+    # a batch of only empty generations (a policy that learned to stop at once) must still get scores
     import evaluate
 
     from detox_common import load_classifier
@@ -335,10 +334,9 @@ def test_empty_generations_are_scored(tiny_classifier, tmp_path):
     module = evaluate.load(os.path.join(et.HERE, "measurements", "toxicity"), "tiny", module_type="measurement",
                            model=tiny_classifier, keep_in_memory=True, cache_dir=str(tmp_path))
     assert sorted(os.listdir(tiny_classifier)) == before and os.path.isdir(tmp_path / "toxicity" / "tiny")
-    eos = AutoTokenizer.from_pretrained(tiny_classifier).eos_token
-    (expected,) = module.compute(predictions=[eos])["toxicity"]
-    assert module.compute(predictions=["", ""])["toxicity"] == pytest.approx([expected, expected])
-    assert et.extra_scores(load_classifier(tiny_classifier, "cpu"), ["", ""], 1, 8) == pytest.approx([expected] * 2)
+    scores = module.compute(predictions=["", ""])["toxicity"]
+    assert len(scores) == 2 and 0 <= scores[0] <= 1 and scores[0] == pytest.approx(scores[1])
+    assert et.extra_scores(load_classifier(tiny_classifier, "cpu"), ["", ""], 1, 8) == pytest.approx(scores)
     assert module.compute(predictions=["", "stupid idiot"], aggregation="maximum")["max_toxicity"] > 0.5
 
 
