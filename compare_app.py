@@ -15,6 +15,7 @@ default). Gradio's analytics are switched off and nothing is fetched from the in
 
 import difflib
 import html
+import itertools
 import os
 import tempfile
 import threading
@@ -255,6 +256,8 @@ CSS = """
 def build_app(comparer, examples, args):
     import gradio as gr
 
+    runs = itertools.count(1)  # numbers each answered request, so a reader can tell two results apart
+
     def generate(prompt, max_new_tokens, temperature, top_p, seed):
         """A generator: the page shows each answer as soon as it exists and is never blocked (Gradio's queue)."""
         empty = ["", None, "", None, "", None]
@@ -282,7 +285,7 @@ def build_app(comparer, examples, args):
         detox_text, detox_score = comparer.answer(args.detoxified, prompt, max_new_tokens, temperature, top_p, seed)
         empty_note = "".join(f" The {what} model's answer is empty (it ended at once)." for what, text in
                              (("original", base_text), ("detoxified", detox_text)) if not text.strip())
-        yield [status_html(f"Done in {time.time() - started:.1f} s (seed {seed}, temperature {temperature:g}, "
+        yield [status_html(f"Done in {time.time() - started:.1f} s (run {next(runs)}: seed {seed}, temperature {temperature:g}, "
                            f"top-p {top_p:g}, {max_new_tokens} new tokens).{empty_note}"),
                base_text, base_score, detox_text, detox_score, verdict_html(base_score, detox_score),
                word_diff(base_text, detox_text)]

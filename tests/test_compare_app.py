@@ -135,9 +135,11 @@ def drive(url, screenshot=None, check_results=True, prompt_text="his sister clai
             prompt.fill(prompt_text)  # then a typed prompt (the tiny models end a whole example sentence at once)
             page.locator("#seed input").fill(str(seed))
 
+            runs = iter(range(1, 100))
+
             def answers():
-                generate.click()
-                expect(status).to_contain_text("Done", timeout=30_000)
+                generate.click()  # wait for this request's own "Done" (run N), not the previous one's
+                expect(status).to_contain_text(f"(run {next(runs)}:", timeout=30_000)
                 return (page.locator("#base-answer textarea").input_value(),
                         page.locator("#detox-answer textarea").input_value(),
                         page.locator("#base-score input").input_value(),
