@@ -158,47 +158,48 @@ def test_frozen_prefix_cache_gives_identical_updates_and_skips_the_frozen_blocks
     assert prefixes[0].hits == prefixes[0].misses == 0 and plain_calls == 24 and cached_calls == 4
 
 
-def test_all_proposed_changes_together_keep_the_update(tmp_path):
-    """ours-opt's step (cache, fused Adam, contiguous head input) updates the policy as trl's plain step does."""
+def step_with_and_without(tmp_path, config, seed, configure):
+    """One trl step on the same fresh setup and batch, plain and with `configure(optimisations)` applied;
+    returns [(parameters, stats, optimisations, lengths)] for the plain and the changed step."""
     torch.set_num_threads(1)
-    opts = bench_ppo.parse_args(["--config", "tiny", "--dtype", "float32"])
+    opts = bench_ppo.parse_args(["--config", config, "--dtype", "float32"])
     opts.workdir = str(tmp_path)
     reward = (*bench_ppo.build_reward("tiny", "cpu"), 0)
-    after = []
+    results = []
     for use in (False, True):
         setup, tokenizer = make_setup(opts)
-        batch, lengths = bench_ppo.make_batch(np.random.default_rng(3), tokenizer, opts)
-        responses = [torch.arange(5, 5 + n) for n in lengths]
+        batch, lengths = bench_ppo.make_batch(np.random.default_rng(seed), tokenizer, opts)
+        responses = [torch.arange(seed, seed + n) for n in lengths]
         optimisations = bench_ppo.Optimisations(setup, "cpu", reward)
         np.random.seed(0)
-        with optimisations.enabled() if use else contextlib.nullcontext():
-            setup.trainer.step(batch["input_ids"], responses, [torch.tensor(float(i % 3)) for i in range(16)])
-        assert setup.trainer.optimizer is not optimisations.optimizer  # trl's optimizer is back after the loop
-        after.append({n: p.detach().clone() for n, p in setup.trainer.model.named_parameters()})
-    for name, value in after[0].items():
-        torch.testing.assert_close(after[1][name], value, rtol=1e-5, atol=1e-6)
+        with configure(optimisations) if use else contextlib.nullcontext():
+            stats = setup.trainer.step(batch["input_ids"], responses,
+                                       [torch.tensor(float(i % (seed + 1))) for i in range(16)])
+        assert setup.trainer.optimizer is not optimisations.optimizer  # trl's optimizer is back afterwards
+        params = {n: p.detach().clone() for n, p in setup.trainer.model.named_parameters()}
+        results.append((params, stats, optimisations, lengths))
+    return results
+
+
+def test_all_proposed_changes_together_keep_the_update(tmp_path):
+    """ours-opt's step (cache, fused Adam, contiguous head input) updates the policy as trl's plain step does."""
+    (plain, *_), (changed, *_) = step_with_and_without(tmp_path, "tiny", 3, lambda o: o.enabled())
+    for name, value in plain.items():
+        torch.testing.assert_close(changed[name], value, rtol=1e-5, atol=1e-6)
+
+
+@contextlib.contextmanager
+def response_only(optimisations):
+    optimisations.prefix.response_only = True
+    yield
 
 
 @pytest.mark.parametrize("config", ["tiny", "tiny-gptj"])
 def test_response_only_logits_compute_the_head_where_trl_reads_it(tmp_path, config):
     """The LM head runs on the response positions alone in the 20 calls after the first pass; same update."""
-    torch.set_num_threads(1)
-    opts = bench_ppo.parse_args(["--config", config, "--dtype", "float32"])
-    opts.workdir = str(tmp_path)
-    reward = (*bench_ppo.build_reward("tiny", "cpu"), 0)
-    after = []
-    for use in (False, True):
-        setup, tokenizer = make_setup(opts)
-        batch, lengths = bench_ppo.make_batch(np.random.default_rng(4), tokenizer, opts)
-        responses = [torch.arange(7, 7 + n) for n in lengths]
-        optimisations = bench_ppo.Optimisations(setup, "cpu", reward)
-        optimisations.prefix.response_only = use
-        np.random.seed(0)
-        stats = setup.trainer.step(batch["input_ids"], responses, [torch.tensor(float(i % 5)) for i in range(16)])
-        after.append(({n: p.detach().clone() for n, p in setup.trainer.model.named_parameters()}, stats))
-        if use:  # reference pass + 4 epochs over 16 rows = 5 visits of each row, response positions only
-            assert optimisations.prefix.head_rows == 5 * int(sum(lengths))
-    (plain, plain_stats), (cut, cut_stats) = after
+    (plain, plain_stats, _, _), (cut, cut_stats, opt, lengths) = step_with_and_without(tmp_path, config, 4,
+                                                                                      response_only)
+    assert opt.prefix.head_rows == 5 * int(sum(lengths))  # reference pass + 4 epochs over 16 rows, responses only
     for key in ("ppo/loss/total", "objective/kl", "objective/logprobs", "ppo/policy/entropy"):
         assert cut_stats[key] == pytest.approx(plain_stats[key], rel=1e-4, abs=1e-6), key
     for name, value in plain.items():
