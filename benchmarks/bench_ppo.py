@@ -8,10 +8,11 @@ detoxify_ppo.ppo_step (one batched generate, one classifier pass, trl's PPOTrain
 detoxify_ppo.main runs per batch. With --baseline the study's loop (one ppo_trainer.generate per query, then
 the same step) runs on the same trainer, interleaved step by step with ours, so both see the same load.
 
-    python benchmarks/bench_ppo.py --config gpt-neo-125m --baseline --opt --eval
-    python benchmarks/bench_ppo.py --config gpt-j-6b --variant opt=1 --variant ref=trl --variant shared=0,gc=1
+    python benchmarks/bench_ppo.py --config gpt-neo-125m --baseline --plain --eval
+    python benchmarks/bench_ppo.py --config gpt-j-6b --variant plain=1 --variant ref=trl --variant shared=0,gc=1
 
---opt adds "ours-opt": ours with the changes proposed for detoxify_ppo.py (BENCHMARKS.md), interleaved too.
+--plain adds "ours-plain": batched generation on trl's PPOTrainer as it is, detoxify_ppo.build_ppo_trainer's
+speed-ups off (fused Adam, frozen-prefix cache, response-only logits, contiguous head input), interleaved too.
     python benchmarks/bench_ppo.py --quick          # tiny model, seconds (what tests/test_benchmarks.py runs)
 
 Prints a table and writes JSON (--json; --append adds to an existing file, rewritten after every result).
@@ -212,11 +213,12 @@ def projected_hours(step_seconds, batch_size, kept_rows, test_fraction=0.2):
 
 # ---------------------------------------------------------------------------------------------- models
 def build_reward(name, device):
-    """Random-weight RoBERTa classifier, half precision on GPU and float32 on CPU (detox_common.load_classifier's rule)."""
+    """Random-weight RoBERTa classifier in detoxify_ppo's reward dtype: float16 on GPU, bfloat16 on CPU (one model
+    for every loop: the study's own script ran it in float16)."""
     from transformers import RobertaForSequenceClassification
 
     config = reward_config(name)
-    dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    dtype = detoxify_ppo.reward_dtype(detoxify_ppo.Args(), torch.device(device))
     with torch.device(device):
         model = RobertaForSequenceClassification._from_config(config, dtype=dtype).eval()
     return reward_tokenizer(config.vocab_size, config.max_position_embeddings - 2), model
@@ -251,9 +253,18 @@ class Setup:
             ref_model = create_reference_model(model, num_shared_layers=self.num_shared_layers or None)
         else:
             ref_model = detoxify_ppo.create_shared_reference(model, self.num_shared_layers)
-        ppo_config = detoxify_ppo.make_ppo_config(self.args, opts.warmup + opts.steps)
-        ppo_config.optimize_device_cache = bool(variant["cache"])
-        self.trainer = PPOTrainer(ppo_config, model, ref_model, tokenizer)  # as detoxify_ppo.main: no dataset
+        if variant["plain"]:  # detoxify_ppo before its speed-ups: trl's PPOTrainer as it is, batched generation
+            self.trainer = PPOTrainer(detoxify_ppo.make_ppo_config(self.args, opts.warmup + opts.steps), model,
+                                      ref_model, tokenizer)
+            self.trainer.frozen_prefix_cache = None
+        else:  # as detoxify_ppo.main
+            self.trainer = detoxify_ppo.build_ppo_trainer(self.args, model, ref_model, tokenizer,
+                                                          opts.warmup + opts.steps, self.num_shared_layers)
+        # trl reads this class attribute at every step; set it for every setup so no setting leaks into the next
+        from trl.trainer.ppo_trainer import PPODecorators
+
+        self.trainer.config.optimize_device_cache = PPODecorators.optimize_device_cache = bool(variant["cache"])
+        self.speedups = None if variant["plain"] else Speedups(self.trainer)
         sync(device)
         self.build_seconds = time.perf_counter() - t0
         self.parameters = sum(p.numel() for p in model.pretrained_model.parameters())
@@ -271,221 +282,44 @@ class Setup:
         free_memory(device)
 
 
-# ---------------------------------------------------------------------------------------------- proposed changes
-# Measured here as loop "ours-opt"; each is a change proposed for detoxify_ppo.py (see BENCHMARKS.md).
-class ContiguousLMHeadInput:
-    """Make the LM head's input contiguous. generate() feeds the head hidden_states[:, -1:, :], a strided slice;
-    torch's matmul folds [b, 1, d] @ W.T into one mm only when W requires grad or the slice is contiguous, so a
-    FROZEN head (gpt-neo ties it to the shared embeddings) goes through bmm on W expanded to the batch: a copy
-    of batch x vocab x hidden elements at every prefill (1.2 GB for gpt-neo-125M at batch 16, seconds on CPU).
-    The hook is switched on per loop, so the other loops run the code as it is."""
-
-    def __init__(self, model):
-        self.enabled = False
-        head = model.pretrained_model.get_output_embeddings()
-        self.handle = head.register_forward_pre_hook(self.hook)
-
-    def hook(self, module, args):
-        if self.enabled and args and torch.is_tensor(args[0]) and not args[0].is_contiguous():
-            return (args[0].contiguous(),) + tuple(args[1:])
-        return None
+# ---------------------------------------------------------------------------------------------- speed-ups
+SPEEDUPS = {"head": "contiguous LM-head input", "prefix": "frozen-prefix cache", "logits": "response-only logits",
+            "adam": "fused Adam"}
 
 
-class FrozenPrefixCache:
-    """Inside trainer.step, map each forward call's rows to the step's rows, and with that:
+class Speedups:
+    """Switch detoxify_ppo.build_ppo_trainer's speed-ups off (all, or all but `parts`) on one trainer, for a while:
+    off while the study's loop (or ours-plain) runs, since the study ran trl's PPOTrainer as it is; added one by one
+    in the PPO-phase ablation. trl's own optimiser (Adam with torch's defaults, unfused) is made on first use."""
 
-    skip (the frozen-prefix cache): run the embeddings and the first N (frozen, shared) blocks once per PPO step
-    instead of 2 + ppo_epochs x batch/mini_batch times. Those blocks are frozen and shared by policy and
-    reference, and there is no dropout, so their output for a row is the same in trl's policy pass, its
-    reference pass and every optimisation pass. The policy's first (no-grad) pass records block N-1's output
-    per row; later passes whose rows were all recorded skip blocks 0..N-1 (block 0 returns the recorded
-    states, the others pass them on).
-    response_only (logits for response positions only): trl uses the logits only where its mask is 1, the
-    positions that predict response tokens; later passes compute the LM head there alone (zeros elsewhere,
-    never read: every use is masked).
-
-    Rows are matched on device by their token ids and mask (one host sync per forward call). Active only
-    inside trainer.step, and only while skip or response_only is on."""
-
-    def __init__(self, trainer, num_shared_layers):
-        self.skip = self.response_only = False
-        self.n = num_shared_layers
-        self.active = False
-        self.rows = None  # index into the recorded rows for the current call, or None
-        self.capturing = False
-        self.ids, self.masks, self.hidden = [], [], []
-        self.spans, self.positions = None, None  # (query, response) lengths per row; [rows, L] needed positions
-        self.tuple_output = True
-        self.hits = self.misses = 0  # forward calls served from the recorded rows / run in full
-        self.head_rows = 0  # positions the LM head computed in response-only calls
-        unwrap = trainer.accelerator.unwrap_model
-        self.policy, self.ref = unwrap(trainer.model), unwrap(trainer.ref_model)
-        for model in (self.policy, self.ref):
-            blocks = self.blocks(model)
-            for i in range(self.n):
-                blocks[i].forward = self.skipping(blocks[i].forward, first=i == 0)
-            head = model.pretrained_model.get_output_embeddings()
-            head.forward = self.heading(head.forward)
-            model.forward = self.routing(model.forward, capture=model is self.policy)
-        if self.n:
-            self.blocks(self.policy)[self.n - 1].register_forward_hook(self.record)
-        step = trainer.step
-
-        def wrapped_step(queries, responses, *args, **kwargs):
-            if not self.enabled:
-                return step(queries, responses, *args, **kwargs)
-            self.active = True
-            self.spans = [(len(q), len(r)) for q, r in zip(queries, responses)]
-            try:
-                return step(queries, responses, *args, **kwargs)
-            finally:
-                self.active, self.rows, self.capturing = False, None, False
-                self.ids, self.masks, self.hidden = [], [], []
-                self.spans = self.positions = None
-
-        trainer.step = wrapped_step
-
-    @property
-    def enabled(self):
-        return self.skip or self.response_only
-
-    @enabled.setter
-    def enabled(self, value):
-        self.skip = self.response_only = bool(value)
-
-    @staticmethod
-    def blocks(model):
-        base = model.pretrained_model
-        for path in ("transformer.h", "model.decoder.layers", "gpt_neox.layers", "model.layers"):
-            obj = base
-            try:
-                for attr in path.split("."):
-                    obj = getattr(obj, attr)
-                return obj
-            except AttributeError:
-                continue
-        raise ValueError("unknown block layout")
-
-    def record(self, module, args, output):
-        if self.capturing and self.skip:
-            self.tuple_output = isinstance(output, tuple)
-            self.hidden.append((output[0] if self.tuple_output else output).detach())
-
-    def skipping(self, forward, first):
-        def skip(hidden_states, *args, **kwargs):
-            if self.rows is None or not self.skip or not self.hidden:
-                return forward(hidden_states, *args, **kwargs)
-            out = torch.cat(self.hidden)[self.rows] if first else hidden_states
-            return (out, None) if self.tuple_output else out
-        return skip
-
-    def needed_positions(self, length):
-        """[recorded rows, length] bool: positions whose logits trl reads (they predict response tokens)."""
-        if self.positions is None or self.positions.shape[1] != length:
-            masks = torch.cat(self.masks).cpu()
-            positions = torch.zeros(masks.shape, dtype=torch.bool)
-            for k, (query, response) in enumerate(self.spans):
-                start = int(masks[k].nonzero()[0]) + query - 1  # trl: offset by any left padding
-                positions[k, start:start + response] = True
-            self.positions = positions.to(self.masks[0].device)
-        return self.positions
-
-    def heading(self, forward):
-        def head(hidden_states, *args, **kwargs):
-            if self.rows is None or not self.response_only or self.spans is None or hidden_states.dim() != 3:
-                return forward(hidden_states, *args, **kwargs)
-            needed = self.needed_positions(hidden_states.shape[1])[self.rows]
-            logits = forward(hidden_states[needed], *args, **kwargs)  # [positions, vocab]
-            self.head_rows += logits.shape[0]
-            out = logits.new_zeros(hidden_states.shape[:2] + logits.shape[-1:])
-            out[needed] = logits
-            return out
-        return head
-
-    def lookup(self, input_ids, attention_mask):
-        if not self.ids or attention_mask is None or self.ids[0].shape[1] != input_ids.shape[1]:
-            return None
-        ids, masks = torch.cat(self.ids), torch.cat(self.masks)
-        match = (input_ids[:, None, :] == ids[None]).all(-1) & (attention_mask[:, None, :] == masks[None]).all(-1)
-        if not bool(match.any(1).all()):  # one host sync per forward call
-            return None
-        return match.to(torch.int8).argmax(1)
-
-    def routing(self, forward, capture):
-        def route(input_ids=None, *args, attention_mask=None, **kwargs):
-            if not self.active or input_ids is None:
-                return forward(input_ids, *args, attention_mask=attention_mask, **kwargs)
-            rows = self.lookup(input_ids, attention_mask)
-            if rows is None and capture and not torch.is_grad_enabled():
-                self.capturing = True
-                self.misses += 1
-                self.ids.append(input_ids)
-                self.masks.append(attention_mask)
-                try:
-                    return forward(input_ids, *args, attention_mask=attention_mask, **kwargs)
-                finally:
-                    self.capturing = False
-            self.rows = rows
-            self.hits += rows is not None
-            self.misses += rows is None
-            try:
-                return forward(input_ids, *args, attention_mask=attention_mask, **kwargs)
-            finally:
-                self.rows = None
-        return route
-
-
-OPT_PARTS = {"head": "contiguous LM-head input", "prefix": "frozen-prefix cache in trainer.step",
-             "logits": "LM head on response positions only in trainer.step", "adam": "fused Adam",
-             "reward": "bfloat16 reward model on CPU"}
-
-
-class Optimisations:
-    """The proposed changes (all, or the `parts` named), switched on only while the "ours-opt" loop runs."""
-
-    def __init__(self, setup, device, reward, exclusive=False, parts=tuple(OPT_PARTS)):
-        self.parts = [p for p in OPT_PARTS if p in parts]
-        model = setup.trainer.accelerator.unwrap_model(setup.trainer.model)
-        self.head = ContiguousLMHeadInput(model)
-        self.prefix = FrozenPrefixCache(setup.trainer, setup.num_shared_layers)
-        reward_tok, reward_model, reward_index = reward
-        self.reward_fn = None
-        if "reward" in self.parts and torch.device(device).type == "cpu" and reward_model.dtype == torch.float32:
-            # half precision on CPU too (detox_common.load_classifier keeps float32 there): bfloat16
-            import copy
-
-            self.reward_model = copy.deepcopy(reward_model).to(torch.bfloat16)
-            self.reward_fn = functools.partial(detoxify_ppo.score_responses, reward_tok, self.reward_model,
-                                               reward_index, batch_size=setup.args.reward_batch_size)
-        elif "reward" in self.parts:
-            self.parts.remove("reward")  # already half precision on GPU
-        # trl builds Adam(trainable parameters) with torch's defaults: a per-parameter loop on CPU, foreach on
-        # CUDA. The fused kernel does the same update (PPOTrainer(..., optimizer=...) takes it).
-        self.trainer = setup.trainer
-        self.optimizer = None
-        if "adam" in self.parts:
-            trainable = [p for p in model.parameters() if p.requires_grad]
-            self.optimizer = torch.optim.Adam(trainable, lr=setup.args.learning_rate, fused=True)
-        self.exclusive = exclusive
-        if exclusive and self.optimizer:  # trl's Adam has taken no step, so holds no state: dropping it frees nothing
-            self.trainer.optimizer = self.optimizer
-        self.names = [OPT_PARTS[p] for p in self.parts]
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.fused_adam = trainer.optimizer
+        self.trl_adam = None
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        self.head = model.pretrained_model.get_output_embeddings()
 
     @contextlib.contextmanager
-    def enabled(self, parts=None):
-        parts = self.parts if parts is None else [p for p in parts if p in self.parts]
-        self.head.enabled = "head" in parts
-        self.prefix.skip = "prefix" in parts
-        self.prefix.response_only = "logits" in parts
-        trl_optimizer = self.trainer.optimizer
-        if self.optimizer and "adam" in parts:
-            self.trainer.optimizer = self.optimizer
+    def only(self, parts=()):
+        trainer, cache = self.trainer, self.trainer.frozen_prefix_cache
+        if "head" not in parts:
+            trainer.head_hook.remove()
+        if cache:
+            flags = cache.skip_prefix, cache.response_only_logits
+            cache.skip_prefix, cache.response_only_logits = "prefix" in parts, "logits" in parts
+        if "adam" not in parts:
+            if self.trl_adam is None:
+                group = self.fused_adam.param_groups[0]
+                self.trl_adam = torch.optim.Adam(group["params"], lr=group["lr"])
+            trainer.optimizer = self.trl_adam
         try:
             yield
         finally:
-            self.head.enabled = self.prefix.enabled = False
-            if not self.exclusive:
-                self.trainer.optimizer = trl_optimizer
+            if "head" not in parts:
+                trainer.head_hook = self.head.register_forward_pre_hook(detoxify_ppo.contiguous_head_input)
+            if cache:
+                cache.skip_prefix, cache.response_only_logits = flags
+            trainer.optimizer = self.fused_adam
 
 
 # ---------------------------------------------------------------------------------------------- the loops
@@ -586,12 +420,12 @@ DEFAULT_PPO = (detoxify_ppo.Args.batch_size, detoxify_ppo.Args.mini_batch_size, 
 
 
 def parse_variant(text, opts):
-    """'shared=20,gc=1,ref=trl,cache=1,attn=sdpa,opt=1,steps=2,warmup=1' over the command line's defaults.
+    """'shared=20,gc=1,ref=trl,cache=1,attn=sdpa,plain=1,steps=2,warmup=1' over the command line's defaults.
 
-    opt=1: this setup runs only the ours-opt loop, with the fused Adam in place of trl's from the start (so its
-    memory is not inflated by a second optimizer's state); steps/warmup override the step counts."""
+    plain=1: this setup is trl's PPOTrainer as it is (no speed-ups) and runs only the ours-plain loop, with
+    one optimizer (so its memory is comparable with ours); steps/warmup override the step counts."""
     variant = {"shared": opts.num_shared_layers, "gc": int(opts.gradient_checkpointing), "ref": opts.reference,
-               "cache": int(opts.optimize_device_cache), "attn": opts.attn_implementation, "opt": 0,
+               "cache": int(opts.optimize_device_cache), "attn": opts.attn_implementation, "plain": 0,
                "steps": None, "warmup": None}
     for item in filter(None, (text or "").split(",")):
         key, _, value = item.partition("=")
@@ -599,7 +433,7 @@ def parse_variant(text, opts):
             raise SystemExit(f"error: unknown variant key {key!r} in {text!r} ({', '.join(variant)})")
         if key == "shared":
             variant[key] = None if value in ("default", "") else int(value)
-        elif key in ("gc", "cache", "opt"):
+        elif key in ("gc", "cache", "plain"):
             variant[key] = int(value in ("1", "on", "true"))
         elif key in ("steps", "warmup"):
             variant[key] = int(value)
@@ -636,8 +470,6 @@ def run_variant(opts, config, tokenizer, reward, device, variant, loops, deadlin
     reward_tok, reward_model, reward_index = reward
     reward_fn = functools.partial(detoxify_ppo.score_responses, reward_tok, reward_model, reward_index,
                                   batch_size=setup.args.reward_batch_size)
-    optimisations = Optimisations(setup, device, reward, exclusive=loops == ["ours-opt"],
-                                  parts=opts.opt_parts.split(",")) if "ours-opt" in loops else None
     label = variant_label(variant, setup)
     rng = np.random.default_rng(opts.seed)
     records = {loop: [] for loop in loops}
@@ -655,14 +487,12 @@ def run_variant(opts, config, tokenizer, reward, device, variant, loops, deadlin
             batch, lengths = make_batch(rng, tokenizer, opts)
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
-            if loop == "ours":
-                record = ours_step(setup, tokenizer, reward_fn, batch, lengths, i + 1, device)
-            elif loop == "ours-opt":
-                with optimisations.enabled():
-                    record = ours_step(setup, tokenizer, optimisations.reward_fn or reward_fn, batch, lengths,
-                                       i + 1, device)
-            else:
-                record = study_step(setup, tokenizer, reward, batch, lengths, device)
+            # the study's loop and ours-plain run trl's PPOTrainer as it is: the speed-ups are off meanwhile
+            with setup.speedups.only() if setup.speedups and loop != "ours" else contextlib.nullcontext():
+                if loop == "study":
+                    record = study_step(setup, tokenizer, reward, batch, lengths, device)
+                else:
+                    record = ours_step(setup, tokenizer, reward_fn, batch, lengths, i + 1, device)
             peaks[loop] = max(peaks[loop], torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes())
             if i >= warmup:
                 records[loop].append({k: (round(v, 5) if isinstance(v, float) else v) for k, v in record.items()})
@@ -681,13 +511,12 @@ def run_variant(opts, config, tokenizer, reward, device, variant, loops, deadlin
                 pairs = [b["step"] / a["step"] for a, b in zip(records[r["loop"]], records["study"])]
                 r["speedup_vs_study_paired"] = {"median": float(np.median(pairs)), "min": min(pairs),
                                                 "max": max(pairs)}
-    if "ours-opt" in by_loop:
-        by_loop["ours-opt"]["optimisations"] = optimisations.names
-        if "ours" in by_loop:
-            by_loop["ours-opt"]["speedup_vs_ours"] = (by_loop["ours-opt"]["episodes_per_second"]
-                                                      / by_loop["ours"]["episodes_per_second"])
+    if "ours" in by_loop:
+        by_loop["ours"]["speedups"] = list(SPEEDUPS.values())
+        if "ours-plain" in by_loop:
+            by_loop["ours"]["speedup_vs_plain"] = (by_loop["ours"]["episodes_per_second"]
+                                                   / by_loop["ours-plain"]["episodes_per_second"])
     model_ref = setup.model_ref
-    del optimisations
     setup.close(device)
     for r in results:
         r["variant"] = label
@@ -701,7 +530,6 @@ def run_optimize_ablation(opts, config, tokenizer, reward, device, rounds, deadl
     started = time.perf_counter()
     free_memory(device)
     setup = Setup(opts, config, tokenizer, device, parse_variant("", opts))
-    optimisations = Optimisations(setup, device, reward)
     batch, lengths = make_batch(np.random.default_rng(opts.seed), tokenizer, opts)
     responses = detoxify_ppo.sample_responses(setup.trainer, tokenizer, batch["input_ids"], lengths)
     scores = [torch.tensor(float(x)) for x in np.random.default_rng(opts.seed).normal(size=len(responses))]
@@ -714,7 +542,7 @@ def run_optimize_ablation(opts, config, tokenizer, reward, device, rounds, deadl
             break  # keep the rounds done
         t_round = time.perf_counter()
         for name, parts in combos:
-            with optimisations.enabled(parts):
+            with setup.speedups.only(parts):
                 sync(device)
                 t0 = time.perf_counter()
                 setup.trainer.step(batch["input_ids"], responses, scores)
@@ -733,7 +561,6 @@ def run_optimize_ablation(opts, config, tokenizer, reward, device, rounds, deadl
               "steps": {name: {"seconds": t, "median": float(np.median(t)),
                                "paired_speedup_median": float(np.median([b / x for b, x in zip(base, t)]))}
                         for name, t in times.items()}}
-    del optimisations
     setup.close(device)
     result["seconds_total"] = round(time.perf_counter() - started, 2)
     return result
@@ -840,7 +667,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="gpt-neo-125m", choices=sorted(POLICIES), help="policy size")
     p.add_argument("--quick", action="store_true",
-                   help="tiny model, 1 warm-up + 2 steps: ours, ours-opt, the study's loop, ablation, eval")
+                   help="tiny model, 1 warm-up + 2 steps: ours, ours-plain, the study's loop, ablation, eval")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     p.add_argument("--dtype", default=detoxify_ppo.Args.dtype, choices=["bfloat16", "float16", "float32"],
                    help="policy dtype (detoxify_ppo's default: bfloat16)")
@@ -860,10 +687,8 @@ def parse_args(argv=None):
     p.add_argument("--variant", action="append", default=[],
                    help="extra settings measured one after the other, e.g. 'shared=20,gc=1' or 'ref=trl' (repeatable)")
     p.add_argument("--baseline", action="store_true", help="also time the study's loop, interleaved with ours")
-    p.add_argument("--opt", action="store_true",
-                   help="also time ours with the changes proposed for detoxify_ppo.py (loop ours-opt), interleaved")
-    p.add_argument("--opt-parts", default=",".join(OPT_PARTS),
-                   help=f"which proposed changes ours-opt switches on (comma list of {', '.join(OPT_PARTS)})")
+    p.add_argument("--plain", action="store_true",
+                   help="also time ours with build_ppo_trainer's speed-ups off (loop ours-plain), interleaved")
     p.add_argument("--optimize-ablation", type=int, default=0, metavar="ROUNDS",
                    help="also time trainer.step alone with the PPO-phase changes added one by one, ROUNDS rounds")
     p.add_argument("--eval", action="store_true", help="also time evaluate_toxicity.py's generation + scoring")
@@ -883,11 +708,8 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, help="output JSON (default results/bench_ppo_<config>_<device>.json)")
     p.add_argument("--append", action="store_true", help="add to an existing JSON instead of starting afresh")
     opts = p.parse_args(argv)
-    unknown = set(filter(None, opts.opt_parts.split(","))) - set(OPT_PARTS)
-    if unknown:
-        p.error(f"--opt-parts: unknown {sorted(unknown)}; choose from {', '.join(OPT_PARTS)}")
     if opts.quick:
-        opts.config, opts.baseline, opts.opt, opts.eval = "tiny", True, True, True
+        opts.config, opts.baseline, opts.plain, opts.eval = "tiny", True, True, True
         opts.optimize_ablation = opts.optimize_ablation or 1
         opts.warmup, opts.steps = 1, 2
         opts.eval_samples = opts.eval_samples or 16
@@ -941,10 +763,10 @@ def main(argv=None):
                         "error": "skipped: run deadline reached"})
                 continue
             t_variant = time.perf_counter()
-            if variant["opt"]:
-                loops = ["ours-opt"]
+            if variant["plain"]:
+                loops = ["ours-plain"]
             else:
-                loops = ["ours"] + (["ours-opt"] if opts.opt and n == 0 else []) + (
+                loops = ["ours"] + (["ours-plain"] if opts.plain and n == 0 else []) + (
                     ["study"] if opts.baseline and n == 0 else [])
             try:
                 steps = opts.steps if n == 0 else (opts.variant_steps or opts.steps)

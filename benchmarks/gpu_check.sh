@@ -9,12 +9,12 @@
 # Then:           python benchmarks/render.py $OUT/gpu_bench.json   (Markdown tables for BENCHMARKS.md)
 #
 # Stages (seconds are the guards, not the expected times):
-#   1. gpt-neo-125M size: ours, ours-opt and the study's loop interleaved (1 + 4 steps); evaluation  (95 s)
-#   2. gpt-j-6B size, bf16, batch 16, mini-batch 4, 20 shared blocks: ours, then ours-opt (its own fresh
-#      setup, so neither peak holds a second optimizer), then the memory ladder (trl's full-copy
-#      reference at 20; 0/14/24 shared; gradient checkpointing on at 20/0/14/24; trl's
-#      optimize_device_cache at 20)                                                                  (240 s)
-#   3. gpt-neo-2.7B size: ours, then trainer.step alone with the PPO-phase changes added one by one (60 s)
+#   1. gpt-neo-125M size: ours, ours-plain and the study's loop interleaved (1 + 4 steps); evaluation (95 s)
+#   2. gpt-j-6B size, bf16, batch 16, mini-batch 4, 20 shared blocks: ours, then ours-plain (trl's trainer
+#      as it is, on a fresh setup of its own, so neither peak holds a second optimizer), then the memory
+#      ladder (trl's full-copy reference at 20; 0/14/24 shared; gradient checkpointing on at 20/0/14/24;
+#      trl's optimize_device_cache at 20)                                                            (240 s)
+#   3. gpt-neo-2.7B size: ours, then trainer.step alone with the speed-ups added one by one         (60 s)
 #   4. gpt-j-6B size: the study's loop (one step), if time is left
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -47,7 +47,7 @@ if [ "$DRY_RUN" = 1 ]; then
   CFG_SMALL=tiny; CFG_MID=tiny; CFG_BIG=tiny
   LADDER=(1 3)    # the tiny model has 4 blocks (default shared: 2)
   STEPS=(--warmup 1 --steps 1)
-  OPT_STEPS=1
+  PLAIN_STEPS=1
   # one torch thread: a shared 2-core machine makes multi-threaded CPU kernels crawl
   EXTRA=(--eval-samples 8 --device "${DEVICE:-auto}" --threads "${THREADS:-1}")
   TOTAL="${TOTAL_SECONDS:-240}"
@@ -97,12 +97,12 @@ left() { echo $(( TOTAL - ($(date +%s) - START) )); }
 }
 
 # 1. the headline: ours vs the study's loop at gpt-neo-125M size, plus evaluation throughput
-stage "1 $CFG_SMALL ours/ours-opt/study + eval" 95 --config "$CFG_SMALL" --baseline --opt --eval \
+stage "1 $CFG_SMALL ours/ours-plain/study + eval" 95 --config "$CFG_SMALL" --baseline --plain --eval \
   --warmup 1 --steps 4 --config-budget 45 "${STEPS[@]}"
 
-# 2. GPT-J-6B: default config (20 of 28 blocks shared, gc off) with ours and ours-opt, then the ladder
+# 2. GPT-J-6B: default config (20 of 28 blocks shared, gc off) with ours and ours-plain, then the ladder
 stage "2 $CFG_BIG default + memory ladder" 240 --config "$CFG_BIG" --warmup 1 --steps 3 --config-budget 45 "${STEPS[@]}" \
-  --variant-warmup 1 --variant-steps 1 --variant "opt=1,steps=${OPT_STEPS:-3}" \
+  --variant-warmup 1 --variant-steps 1 --variant "plain=1,steps=${PLAIN_STEPS:-3}" \
   --variant ref=trl --variant shared=0 --variant "shared=${LADDER[0]}" --variant "shared=${LADDER[1]}" \
   --variant gc=1 --variant shared=0,gc=1 --variant "shared=${LADDER[0]},gc=1" --variant "shared=${LADDER[1]},gc=1" \
   --variant cache=1

@@ -107,7 +107,7 @@ def projection_table(results):
 
 
 def speedup_lines(results):
-    """ours and ours-opt against the study's loop and against each other, per config, default settings; the first
+    """ours and ours-plain (speed-ups off) against the study's loop and against each other, per config, default settings; the first
     result of each loop counts (a config measured in two runs, e.g. gpt-j-6b in stages 2 and 4, is compared
     across them: same machine, same script)."""
     first, paired = {}, {}
@@ -119,15 +119,15 @@ def speedup_lines(results):
     lines = []
     for config, eps in first.items():
         parts = []
-        for loop in ("ours", "ours-opt"):
+        for loop in ("ours", "ours-plain"):
             if loop in eps and "study" in eps:
                 text = f"{loop} {eps[loop] / eps['study']:.2f}x the study's loop"
                 pair = paired.get(config, {}).get(loop)
                 if pair:
                     text += f" (per interleaved step: median {pair['median']:.2f}x, {pair['min']:.2f}-{pair['max']:.2f})"
                 parts.append(text)
-        if "ours" in eps and "ours-opt" in eps:
-            parts.append(f"ours-opt {eps['ours-opt'] / eps['ours']:.2f}x ours")
+        if "ours" in eps and "ours-plain" in eps:
+            parts.append(f"ours {eps['ours'] / eps['ours-plain']:.2f}x ours-plain")
         if parts:
             lines.append(f"- {config}: " + "; ".join(parts) + " (episodes/s, default settings)")
     return lines
@@ -157,7 +157,7 @@ def render(paths):
         out += [*speedup_lines(results), ""]
         out += ["#### Memory and sharing", "", *ladder_table(results), ""]
         if any(r.get("kind") == "optimize-ablation" for r in results):
-            out += ["#### PPO phase alone: trl's step with the proposed changes added one by one (cumulative; "
+            out += ["#### PPO phase alone: trl's step with detoxify_ppo's speed-ups added one by one (cumulative; "
                     "one fixed batch, round-robin)", "", *ablation_table(results), ""]
         if any(r.get("kind") == "eval" for r in results):
             out += ["#### Evaluation throughput (evaluate_toxicity.py's generate + toxicity measurement)", "",

@@ -1,6 +1,6 @@
 """The benchmark cannot rot: its quick mode runs here (tiny model, CPU, seconds) and its JSON is checked for
-structure and internal consistency, never for speed. Also: the random models have the real sizes, the proposed
-frozen-prefix cache changes no number, storage sharing shows in the figures, and the GPU script's plan parses."""
+structure and internal consistency, never for speed. Also: the random models have the real sizes, switching
+the speed-ups off gives trl's own step, storage sharing shows in the figures, and the GPU script's plan parses."""
 
 import contextlib
 import json
@@ -39,7 +39,7 @@ def test_quick_mode_writes_consistent_results(quick_json):
     (run,) = data["runs"]
     assert "--quick" in run["command"] and run["machine"]["device"] == "cpu" and run["machine"]["torch_threads"] == 1
     ppo = {r["loop"]: r for r in data["results"] if r.get("kind") == "ppo"}
-    assert set(ppo) == {"ours", "ours-opt", "study"}
+    assert set(ppo) == {"ours", "ours-plain", "study"}
     for loop, r in ppo.items():
         assert "error" not in r
         assert r["config"] == "tiny" and r["device"] == "cpu" and r["dtype"] == "bfloat16"
@@ -62,11 +62,12 @@ def test_quick_mode_writes_consistent_results(quick_json):
             assert r["projection_all_rows"]["steps"] == (99_442 - 19_889) // 16
             assert r["projection_all_rows"]["hours"] == pytest.approx(4972 * median["step"] / 3600)
             assert set(r["median_optimize_split"]) >= {"forward_pass", "optimize_step"}
-    for loop in ("ours", "ours-opt"):
+    for loop in ("ours", "ours-plain"):
         assert ppo[loop]["speedup_vs_study"] == pytest.approx(
             ppo[loop]["episodes_per_second"] / ppo["study"]["episodes_per_second"])
-    assert ppo["ours-opt"]["optimisations"] == [bench_ppo.OPT_PARTS[p] for p in ("head", "prefix", "logits", "adam",
-                                                                                 "reward")]
+    assert ppo["ours"]["speedups"] == list(bench_ppo.SPEEDUPS.values())
+    assert ppo["ours"]["speedup_vs_plain"] == pytest.approx(
+        ppo["ours"]["episodes_per_second"] / ppo["ours-plain"]["episodes_per_second"])
     (ablation,) = [r for r in data["results"] if r.get("kind") == "optimize-ablation"]
     assert list(ablation["steps"]) == ["trl step", "+ frozen-prefix cache", "+ response-only logits", "+ fused Adam"]
     assert ablation["rounds"] == 1 and ablation["steps"]["trl step"]["paired_speedup_median"] == 1.0
@@ -125,100 +126,29 @@ def make_setup(opts, variant_text=""):
     return bench_ppo.Setup(opts, config, tokenizer, "cpu", bench_ppo.parse_variant(variant_text, opts)), tokenizer
 
 
-@pytest.mark.parametrize("config", ["tiny", "tiny-gptj"])  # gpt-neo blocks return tuples, gpt-j's tensors
-def test_frozen_prefix_cache_gives_identical_updates_and_skips_the_frozen_blocks(tmp_path, config):
-    """The proposed change: same parameters after a PPO step, bit for bit (float32), blocks 0..N-1 skipped."""
+def test_speedups_switch_off_to_trls_plain_step_and_back(tmp_path):
+    """What the study's loop runs on the shared trainer is trl's step as it is: the same update as a setup built
+    without the speed-ups (float32, bit for bit), and everything is back on afterwards."""
     torch.set_num_threads(1)
-    opts = bench_ppo.parse_args(["--config", config, "--dtype", "float32"])
+    opts = bench_ppo.parse_args(["--config", "tiny", "--dtype", "float32"])
     opts.workdir = str(tmp_path)
-    reward = (*bench_ppo.build_reward("tiny", "cpu"), 0)
-    after, prefixes = [], []
-    for use_cache in (False, True):
-        setup, tokenizer = make_setup(opts)
-        batch, lengths = bench_ppo.make_batch(np.random.default_rng(1), tokenizer, opts)
-        responses = [torch.tensor(np.random.default_rng(2).integers(0, 500, size=n)) for n in lengths]
-        scores = [torch.tensor(float(x)) for x in np.linspace(-2, 2, 16)]
-        optimisations = bench_ppo.Optimisations(setup, "cpu", reward)
-        calls = []  # runs of block 0's attention, in policy and reference: only a block that really runs calls it
-        for model in (setup.trainer.model, setup.trainer.ref_model):
-            bench_ppo.FrozenPrefixCache.blocks(model)[0].attn.register_forward_hook(lambda *a: calls.append(1))
-        np.random.seed(0)
-        optimisations.prefix.skip = use_cache  # the cache alone: bit-identical is the claim
-        stats = setup.trainer.step(batch["input_ids"], responses, scores)
-        after.append(({n: p.detach().clone() for n, p in setup.trainer.model.named_parameters()}, stats, len(calls)))
-        prefixes.append(optimisations.prefix)
-    (plain, plain_stats, plain_calls), (cached, cached_stats, cached_calls) = after
-    assert plain_stats["ppo/loss/total"] == cached_stats["ppo/loss/total"]
-    assert all(torch.equal(plain[n], cached[n]) for n in plain)
-    assert any(not torch.equal(cached[n], p) for n, p in setup.trainer.ref_model.named_parameters()
-               if n in cached)  # the step did change the policy
-    # trl's step: 4 policy + 4 reference no-grad passes, then 4 epochs x 4 mini-batches = 24 forward calls;
-    # with the cache only the policy's first 4 run the shared blocks
-    assert (prefixes[1].misses, prefixes[1].hits) == (4, 20)
-    assert prefixes[0].hits == prefixes[0].misses == 0 and plain_calls == 24 and cached_calls == 4
-
-
-def step_with_and_without(tmp_path, config, seed, configure):
-    """One trl step on the same fresh setup and batch, plain and with `configure(optimisations)` applied;
-    returns [(parameters, stats, optimisations, lengths)] for the plain and the changed step."""
-    torch.set_num_threads(1)
-    opts = bench_ppo.parse_args(["--config", config, "--dtype", "float32"])
-    opts.workdir = str(tmp_path)
-    reward = (*bench_ppo.build_reward("tiny", "cpu"), 0)
     results = []
-    for use in (False, True):
-        setup, tokenizer = make_setup(opts)
-        batch, lengths = bench_ppo.make_batch(np.random.default_rng(seed), tokenizer, opts)
-        responses = [torch.arange(seed, seed + n) for n in lengths]
-        optimisations = bench_ppo.Optimisations(setup, "cpu", reward)
+    for variant in ("plain=1", ""):
+        setup, tokenizer = make_setup(opts, variant)
+        batch, lengths = bench_ppo.make_batch(np.random.default_rng(1), tokenizer, opts)
+        responses = [torch.arange(3, 3 + n) for n in lengths]
         np.random.seed(0)
-        with configure(optimisations) if use else contextlib.nullcontext():
-            stats = setup.trainer.step(batch["input_ids"], responses,
-                                       [torch.tensor(float(i % (seed + 1))) for i in range(16)])
-        assert setup.trainer.optimizer is not optimisations.optimizer  # trl's optimizer is back afterwards
-        params = {n: p.detach().clone() for n, p in setup.trainer.model.named_parameters()}
-        results.append((params, stats, optimisations, lengths))
-    return results
-
-
-def test_all_proposed_changes_together_keep_the_update(tmp_path):
-    """ours-opt's step (cache, fused Adam, contiguous head input) updates the policy as trl's plain step does."""
-    (plain, *_), (changed, *_) = step_with_and_without(tmp_path, "tiny", 3, lambda o: o.enabled())
-    for name, value in plain.items():
-        torch.testing.assert_close(changed[name], value, rtol=1e-5, atol=1e-6)
-
-
-@contextlib.contextmanager
-def response_only(optimisations):
-    optimisations.prefix.response_only = True
-    yield
-
-
-@pytest.mark.parametrize("config", ["tiny", "tiny-gptj"])
-def test_response_only_logits_compute_the_head_where_trl_reads_it(tmp_path, config):
-    """The LM head runs on the response positions alone in the 20 calls after the first pass; same update."""
-    (plain, plain_stats, _, _), (cut, cut_stats, opt, lengths) = step_with_and_without(tmp_path, config, 4,
-                                                                                      response_only)
-    assert opt.prefix.head_rows == 5 * int(sum(lengths))  # reference pass + 4 epochs over 16 rows, responses only
-    for key in ("ppo/loss/total", "objective/kl", "objective/logprobs", "ppo/policy/entropy"):
-        assert cut_stats[key] == pytest.approx(plain_stats[key], rel=1e-4, abs=1e-6), key
-    for name, value in plain.items():
-        torch.testing.assert_close(cut[name], value, rtol=1e-5, atol=1e-6)
-
-
-def test_contiguous_head_hook_changes_no_sample():
-    torch.set_num_threads(1)
-    opts = bench_ppo.parse_args(["--config", "tiny"])
-    opts.workdir = "unused"
-    setup, tokenizer = make_setup(opts)
-    batch, lengths = bench_ppo.make_batch(np.random.default_rng(0), tokenizer, opts)
-    hook = bench_ppo.ContiguousLMHeadInput(setup.trainer.model)
-    out = []
-    for enabled in (False, True):
-        hook.enabled = enabled
-        torch.manual_seed(0)
-        out.append(bench_ppo.detoxify_ppo.sample_responses(setup.trainer, tokenizer, batch["input_ids"], lengths))
-    assert all(torch.equal(a, b) for a, b in zip(*out))
+        with setup.speedups.only() if setup.speedups else contextlib.nullcontext():
+            stats = setup.trainer.step(batch["input_ids"], responses, [torch.tensor(i / 4 - 2) for i in range(16)])
+        results.append(({n: p.detach().clone() for n, p in setup.trainer.model.named_parameters()}, stats, setup))
+    (plain, plain_stats, plain_setup), (off, off_stats, setup) = results
+    assert plain_setup.speedups is None and plain_setup.trainer.frozen_prefix_cache is None
+    assert off_stats["ppo/loss/total"] == plain_stats["ppo/loss/total"]
+    assert all(torch.equal(plain[n], off[n]) for n in plain)
+    cache = setup.trainer.frozen_prefix_cache
+    assert cache.hits == 0 and cache.skip_prefix and cache.response_only_logits  # unused while off, on again now
+    assert setup.trainer.optimizer is setup.speedups.fused_adam and setup.speedups.trl_adam is not None
+    assert len(setup.speedups.head._forward_pre_hooks) == 1  # the head hook is back, once
 
 
 def test_storage_sharing_shows_in_the_numbers(tmp_path):
@@ -248,10 +178,10 @@ def test_gpu_script_plan_parses_and_orders_the_headline_first():
         plans = [shlex.split(line) for line in proc.stdout.splitlines()]
         assert [bench_ppo.parse_args(p).config for p in plans] == configs
         first = bench_ppo.parse_args(plans[0])
-        assert first.baseline and first.opt and first.eval  # ours vs the study's loop comes first
+        assert first.baseline and first.plain and first.eval  # ours vs the study's loop comes first
         ladder = bench_ppo.parse_args(plans[1])
         variants = [bench_ppo.parse_variant(v, ladder) for v in ladder.variant]
-        assert variants[0]["opt"] == 1 and bench_ppo.settings_of(variants[0]) == bench_ppo.DEFAULT_SETTINGS
+        assert variants[0]["plain"] == 1 and bench_ppo.settings_of(variants[0]) == bench_ppo.DEFAULT_SETTINGS
         assert {"ref": "trl"}.items() <= variants[1].items()
         assert sorted({v["shared"] for v in variants if v["shared"] is not None}) == (
             [0, 14, 24] if dry == "0" else [0, 1, 3])

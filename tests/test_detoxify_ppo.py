@@ -4,6 +4,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, run_cli
@@ -75,15 +76,16 @@ def test_heldout_split_is_seeded_and_disjoint():
 
 
 def test_reference_shares_storage_of_frozen_blocks_and_stays_put_after_ppo_step(tiny_policy):
-    from trl import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
+    from trl import AutoModelForCausalLMWithValueHead
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_policy)
     tokenizer.pad_token = tokenizer.eos_token
     base = AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.bfloat16)
     model = AutoModelForCausalLMWithValueHead.from_pretrained(base).to(torch.bfloat16)
     ref = detoxify_ppo.create_shared_reference(model, num_shared_layers=2)
-    config = PPOConfig(batch_size=4, mini_batch_size=2, learning_rate=1e-2, ppo_epochs=1)
-    trainer = PPOTrainer(config, model, ref, tokenizer)
+    args = detoxify_ppo.Args(model=tiny_policy, batch_size=4, mini_batch_size=2, learning_rate=1e-2, ppo_epochs=1,
+                             output_dir="unused")
+    trainer = detoxify_ppo.build_ppo_trainer(args, model, ref, tokenizer, total_steps=1, num_shared_layers=2)
     policy = dict(trainer.model.named_parameters())
     reference = dict(trainer.ref_model.named_parameters())
     shared = [n for n in policy if ".wte." in n or ".wpe." in n or any(f".h.{i}." in n for i in range(2))]
@@ -112,6 +114,114 @@ def test_reference_shares_storage_of_frozen_blocks_and_stays_put_after_ppo_step(
     assert all(torch.equal(p, ref_before[n]) for n, p in reference.items())
     assert all(p.dtype == torch.bfloat16 for p in trainer.model.parameters())
 
+
+
+# ---------------------------------------------------------------------------------------------- speed-ups
+def tiny_trainer(layout, tiny_policy, plain=False, **flags):
+    """A float32 policy (gpt-neo: the tiny fixture; gpt-j: a random 4-block GPT-J, whose blocks return tensors and
+    whose head is untied), 2 shared blocks, batch 16 / mini-batch 4; build_ppo_trainer, or trl's plain PPOTrainer."""
+    from transformers import GPTJConfig
+    from trl import AutoModelForCausalLMWithValueHead, PPOTrainer
+
+    torch.set_num_threads(1)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_policy)
+    tokenizer.pad_token = tokenizer.eos_token
+    torch.manual_seed(0)
+    if layout == "gpt-neo":
+        base = AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.float32)
+    else:
+        base = AutoModelForCausalLM.from_config(GPTJConfig(
+            vocab_size=len(tokenizer), n_embd=32, n_layer=4, n_head=4, rotary_dim=4, n_inner=64, n_positions=128,
+            tie_word_embeddings=False), dtype=torch.float32)
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(base)
+    ref = detoxify_ppo.create_shared_reference(model, 2)
+    args = detoxify_ppo.Args(model=tiny_policy, dtype="float32", output_dir="unused", **flags)
+    if plain:
+        return PPOTrainer(detoxify_ppo.make_ppo_config(args, 1), model, ref, tokenizer), tokenizer
+    return detoxify_ppo.build_ppo_trainer(args, model, ref, tokenizer, 1, 2), tokenizer
+
+
+def one_step(trainer, tokenizer, seed=1, twin=False):
+    """One trl step on a fixed random batch (queries 10-15, responses 20-30 tokens); parameters and stats after it.
+    twin: row 1 holds row 0's tokens, split two tokens later into query and response."""
+    rng = torch.Generator().manual_seed(seed)
+    low, high = max(tokenizer.all_special_ids) + 1, len(tokenizer)  # no special token: no early stop
+    queries = [torch.randint(low, high, (int(n),), generator=rng) for n in torch.randint(10, 16, (16,), generator=rng)]
+    responses = [torch.randint(low, high, (int(n),), generator=rng) for n in torch.randint(20, 31, (16,), generator=rng)]
+    if twin:
+        queries[1], responses[1] = torch.cat([queries[0], responses[0][:2]]), responses[0][2:]
+    scores = [torch.tensor(x) for x in torch.linspace(-2, 2, 16).tolist()]
+    np.random.seed(0)  # trl shuffles mini-batches with numpy
+    stats = trainer.step(queries, responses, scores)
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}, stats, sum(map(len, responses))
+
+
+@pytest.mark.parametrize("layout", ["gpt-neo", "gpt-j"])
+def test_frozen_prefix_cache_gives_bit_identical_updates_and_skips_the_shared_blocks(tiny_policy, layout):
+    results = []
+    for cache in (False, True):
+        trainer, tokenizer = tiny_trainer(layout, tiny_policy, frozen_prefix_cache=cache, response_only_logits=False)
+        calls = []  # runs of block 0's attention in policy and reference: only a block that really runs calls it
+        for model in (trainer.model, trainer.ref_model):
+            detoxify_ppo.FrozenPrefixCache.blocks(model)[0].attn.register_forward_hook(lambda *a: calls.append(1))
+        params, stats, _ = one_step(trainer, tokenizer)
+        results.append((params, stats, len(calls), trainer.frozen_prefix_cache))
+    (plain, plain_stats, plain_calls, none), (cached, cached_stats, cached_calls, cache) = results
+    assert none is None
+    assert cached_stats["ppo/loss/total"] == plain_stats["ppo/loss/total"]
+    assert all(torch.equal(plain[n], cached[n]) for n in plain)
+    # trl's step: 4 policy + 4 reference no-grad passes, then 4 epochs x 4 mini-batches = 24 forward calls;
+    # with the cache only the policy's first 4 run the shared blocks
+    assert plain_calls == 24 and cached_calls == 4 and (cache.misses, cache.hits) == (4, 20)
+
+
+@pytest.mark.parametrize("layout", ["gpt-neo", "gpt-j"])
+def test_response_only_logits_compute_the_head_where_trl_reads_it(tiny_policy, layout):
+    full, full_stats, _ = one_step(*tiny_trainer(layout, tiny_policy, frozen_prefix_cache=False,
+                                                 response_only_logits=False))
+    trainer, tokenizer = tiny_trainer(layout, tiny_policy, frozen_prefix_cache=False, response_only_logits=True)
+    cut, cut_stats, response_tokens = one_step(trainer, tokenizer)
+    # the reference pass and 4 epochs over the 16 rows, at the response positions only
+    assert trainer.frozen_prefix_cache.head_positions == 5 * response_tokens
+    for key in ("ppo/loss/total", "objective/kl", "objective/logprobs", "ppo/policy/entropy"):
+        assert cut_stats[key] == pytest.approx(full_stats[key], rel=1e-4, abs=1e-6), key
+    for name, value in full.items():
+        torch.testing.assert_close(cut[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_response_only_logits_fall_back_when_equal_tokens_are_split_differently(tiny_policy):
+    """Rows are found by their tokens: two rows with the same tokens but another query/response split would read
+    different positions, so the step computes the full head (and trl's update) instead of guessing."""
+    full, full_stats, _ = one_step(*tiny_trainer("gpt-neo", tiny_policy, frozen_prefix_cache=False,
+                                                 response_only_logits=False), twin=True)
+    trainer, tokenizer = tiny_trainer("gpt-neo", tiny_policy)
+    cut, cut_stats, _ = one_step(trainer, tokenizer, twin=True)
+    assert trainer.frozen_prefix_cache.head_positions == 0 and trainer.frozen_prefix_cache.hits == 20
+    for name, value in full.items():
+        torch.testing.assert_close(cut[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_shipped_trainer_updates_the_policy_as_trls_plain_trainer(tiny_policy):
+    """Fused Adam, the cache, response-only logits and the head hook together: trl's update, to float rounding."""
+    plain, plain_stats, _ = one_step(*tiny_trainer("gpt-neo", tiny_policy, plain=True))
+    trainer, tokenizer = tiny_trainer("gpt-neo", tiny_policy)
+    fast, fast_stats, _ = one_step(trainer, tokenizer)
+    assert trainer.optimizer.defaults["fused"]
+    assert fast_stats["ppo/loss/total"] == pytest.approx(plain_stats["ppo/loss/total"], rel=1e-4)
+    for name, value in plain.items():
+        torch.testing.assert_close(fast[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_contiguous_head_input_changes_no_sample(tiny_policy):
+    trainer, tokenizer = tiny_trainer("gpt-neo", tiny_policy)
+    queries = [torch.tensor(tokenizer(t)["input_ids"]) for t in ("the cat said that", "you are a", "we went to the")]
+    samples = []
+    for hooked in (True, False):
+        if not hooked:
+            trainer.head_hook.remove()
+        torch.manual_seed(0)
+        samples.append(detoxify_ppo.sample_responses(trainer, tokenizer, queries, [25, 20, 30]))
+    assert all(torch.equal(a, b) for a, b in zip(*samples))
 
 def test_default_shared_layers_follow_the_study_fraction():
     from transformers import GPTJConfig, GPTNeoConfig
@@ -164,10 +274,11 @@ def test_cli_logs_every_step_and_rewards_are_the_nothate_logit_of_the_response(c
     assert all({"objective/kl", "ppo/loss/total", "env/reward_mean", "time/generate"} <= s.keys() for s in stats)
     samples = [json.loads(line) for line in open(out / "samples.jsonl")]
     assert len(samples) == 4 * 16
-    tokenizer, model = load_classifier(tiny_classifier, "cpu")
+    tokenizer, model = load_classifier(tiny_classifier, "cpu", torch.bfloat16)  # --reward-dtype auto on CPU
     responses = [s["response"] for s in samples]
-    direct = classifier_logits(tokenizer, model, responses)[:, 0]  # index 0 is "nothate"
-    assert torch.allclose(torch.tensor([s["reward"] for s in samples]), direct, atol=1e-4)
+    # index 0 is "nothate"; scored step by step, the batches training scored, so equal to the last bit
+    direct = torch.cat([classifier_logits(tokenizer, model, responses[i:i + 16])[:, 0] for i in range(0, 64, 16)])
+    assert torch.equal(torch.tensor([s["reward"] for s in samples]), direct)
     with_prompt = classifier_logits(tokenizer, model, [s["query"] + s["response"] for s in samples])[:, 0]
     assert not torch.allclose(with_prompt, direct, atol=1e-2)  # the prompt is not part of what is scored
     policy_tokenizer = AutoTokenizer.from_pretrained(out / "final")

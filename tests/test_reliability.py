@@ -151,14 +151,14 @@ def test_non_finite_log_probabilities_or_loss_stop_the_run():
 
 def test_a_crash_while_saving_leaves_the_previous_checkpoint_whole(tiny_policy, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import AutoModelForCausalLMWithValueHead, PPOTrainer
+    from trl import AutoModelForCausalLMWithValueHead
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_policy)
     tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLMWithValueHead.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_policy))
     args = detoxify_ppo.Args(output_dir=str(tmp_path))
-    trainer = PPOTrainer(detoxify_ppo.make_ppo_config(args, 1), model, detoxify_ppo.create_shared_reference(model, 2),
-                         tokenizer)
+    trainer = detoxify_ppo.build_ppo_trainer(args, model, detoxify_ppo.create_shared_reference(model, 2), tokenizer,
+                                             total_steps=1, num_shared_layers=2)
     path = str(tmp_path / "checkpoint-1")
     detoxify_ppo.save_checkpoint(trainer, tokenizer, args, path, 1)
     before = digest(path)
