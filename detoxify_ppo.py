@@ -3,7 +3,8 @@
 Reproduces the TRL study "Detoxifying a Language Model using PPO": toxic prompts from
 allenai/real-toxicity-prompts, reward = raw "nothate" logit of a RoBERTa hate-speech classifier on the
 generated text only, pure bfloat16 policy with a value head, and a reference model that shares (really
-shares: same storage) the policy's first blocks so GPT-J-6B fits one 40 GB GPU.
+shares: same storage) the policy's first blocks so GPT-J-6B fits one 40 GB GPU. build_ppo_trainer adds the
+speed-ups measured in BENCHMARKS.md (fused Adam, frozen-prefix cache, response-only logits).
 
     python detoxify_ppo.py --model EleutherAI/gpt-neo-125M
     accelerate launch detoxify_ppo.py --model EleutherAI/gpt-j-6B

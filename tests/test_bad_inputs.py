@@ -83,6 +83,7 @@ TRAIN_CASES = {
     "new tokens min > max": (lambda w: ["--min-new-tokens", "31"], "--min-new-tokens"),
     "test fraction 1": (lambda w: ["--test-fraction", "1"], "--test-fraction"),
     "unknown dtype": (lambda w: ["--dtype", "int8"], "--dtype"),
+    "unknown reward dtype": (lambda w: ["--reward-dtype", "half"], "--reward-dtype"),
     "unknown tracker": (lambda w: ["--log-with", "mlflow"], "--log-with"),
     "unknown reward label": (lambda w: ["--reward-label", "neutral"], "no label 'neutral'"),
     "output holds checkpoints": (lambda w: ["--output-dir", f"{w}/out"], "already holds checkpoints"),
