@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from transformers import HfArgumentParser
 
-from detox_common import (CARD_RESULTS_END, CARD_RESULTS_START, classifier_logits, fail, label_index, load_classifier,
-                          load_config, load_rows)
+from detox_common import (CARD_RESULTS_END, CARD_RESULTS_START, DTYPES, classifier_logits, fail, label_index,
+                          load_classifier, load_config, load_rows)
 
 # trl is pinned on purpose (see README); its deprecation notices, and transformers' notice about the
 # past_key_values argument trl's value-head model passes, say nothing a user can act on.
@@ -43,7 +43,7 @@ warnings.filterwarnings("ignore", message=r"No dataset is provided")
 
 # The study shared 20 of GPT-J-6B's 28 blocks; the default keeps that fraction for every model size.
 DEFAULT_SHARED_FRACTION = 20 / 28
-LAYER_PATTERNS = ["transformer.h.{}.", "model.decoder.layers.{}.", "gpt_neox.layers.{}.", "model.layers.{}."]
+BLOCK_PATHS = ["transformer.h", "model.decoder.layers", "gpt_neox.layers", "model.layers"]  # where the blocks live
 
 
 @dataclass
@@ -106,10 +106,10 @@ def check_args(args):
         fail(f"--batch-size ({args.batch_size}) must be a multiple of --mini-batch-size x --gradient-accumulation-steps ({backward})")
     if not 0 <= args.test_fraction < 1:
         fail(f"--test-fraction must be in [0, 1), got {args.test_fraction}")
-    if args.dtype not in ("bfloat16", "float16", "float32"):
+    if args.dtype not in DTYPES:
         fail(f"--dtype must be bfloat16, float16 or float32, got {args.dtype}")
-    if args.reward_dtype not in ("auto", "bfloat16", "float16", "float32"):
-        fail(f"--reward-dtype must be auto, bfloat16, float16 or float32, got {args.reward_dtype}")
+    if args.reward_dtype != "auto" and args.reward_dtype not in DTYPES:
+        fail(f"--reward-dtype must be auto, {', '.join(DTYPES)}, got {args.reward_dtype}")
     if args.log_with not in ("none", "tensorboard", "wandb"):
         fail(f"--log-with must be tensorboard, wandb or none, got {args.log_with}")
     if args.num_shared_layers is not None and args.num_shared_layers < 0:
@@ -204,8 +204,8 @@ def shared_parameter_names(model, num_shared_layers):
     if num_shared_layers == 0:
         return []
     names = [name for name, _ in model.named_parameters()]
-    for pattern in LAYER_PATTERNS:
-        first_unshared = next((i for i, n in enumerate(names) if pattern.format(num_shared_layers) in n), None)
+    for path in BLOCK_PATHS:
+        first_unshared = next((i for i, n in enumerate(names) if f"{path}.{num_shared_layers}." in n), None)
         if first_unshared is not None:
             return names[:first_unshared]
     fail(f"could not find block {num_shared_layers} among the model's parameters; pass --num-shared-layers 0")
@@ -269,10 +269,6 @@ def frozen_models_skip_ddp():
         Accelerator.prepare_model = original
 
 
-def collate(rows):
-    return {key: [row[key] for row in rows] for key in rows[0]}
-
-
 def make_ppo_config(args, total_steps):
     from trl import PPOConfig
 
@@ -296,28 +292,30 @@ def contiguous_head_input(module, args):
 
 
 class FrozenPrefixCache:
-    """Inside PPOTrainer.step, run the embeddings and the shared blocks once per step instead of at every forward.
+    """Inside PPOTrainer.step, run the shared blocks once per step instead of at every forward call.
 
     trl's step makes 2 + ppo_epochs forward passes over each row (policy and reference without grad, then the
     optimisation passes): 24 calls per step at the defaults. Blocks 0..N-1 are frozen, shared by policy and
     reference, and run without dropout, so their output for a row is the same in all of them. The policy's
     first pass records block N-1's output per row; in later calls block 0 returns the recorded states and blocks
-    1..N-1 pass them on. Exact (tests: bit-identical parameters after a step).
+    1..N-1 pass them on (the embeddings still run: they are cheap). Exact (tests: bit-identical parameters).
 
     response_only_logits: trl reads the logits only where its mask is 1 (positions predicting response tokens);
     in the calls after the first, the LM head runs on those positions alone and the rest stay zero (never read).
 
-    Rows are matched to the step's rows by token ids and mask on the device (one host sync per forward call).
-    Nothing changes outside step(); `skip_prefix` and `response_only_logits` can be switched off at any time."""
+    Later calls find their rows among the recorded ones by token ids and mask (one host sync per call); rows with
+    the same tokens get the union of their read positions, so the head covers whichever of them a call holds.
+    Nothing changes outside step(); `skip_prefix` and `response_only_logits` can be switched off between steps."""
 
     def __init__(self, ppo_trainer, num_shared_layers, skip_prefix=True, response_only_logits=True):
         self.num_shared_layers = num_shared_layers
         self.skip_prefix, self.response_only_logits = skip_prefix, response_only_logits
         self.active = False  # inside step()
-        self.rows = None  # for the current forward call: index of each input row among the recorded rows
+        self.spans = None  # (query, response) lengths of the step's rows
+        self.ids, self.masks, self.hidden = [], [], []  # the first pass's calls: token ids, mask, block N-1 output
+        self.table = None  # the step's rows, once all are recorded: ids, masks, hidden, read positions (CPU)
+        self.rows = None  # for the current call: (index of each input row among the recorded rows, same on CPU)
         self.capturing = False
-        self.ids, self.masks, self.hidden = [], [], []  # recorded rows (token ids, mask, block N-1 output)
-        self.spans, self.positions = None, None  # (query, response) lengths per row; [rows, length] read positions
         self.tuple_output = True  # gpt-neo blocks return tuples, gpt-j's tensors
         self.hits = self.misses = 0  # forward calls served from the recorded rows / run in full
         self.head_positions = 0  # positions the LM head computed in response-only calls
@@ -345,81 +343,74 @@ class FrozenPrefixCache:
             finally:  # nothing is kept from one step to the next
                 self.active, self.rows, self.capturing = False, None, False
                 self.ids, self.masks, self.hidden = [], [], []
-                self.spans = self.positions = None
+                self.spans = self.table = None
 
         ppo_trainer.step = step_with_cache
 
     @staticmethod
     def blocks(model):
-        base = model.pretrained_model
-        for path in ("transformer.h", "model.decoder.layers", "gpt_neox.layers", "model.layers"):
-            module = base
+        for path in BLOCK_PATHS:
             try:
-                for attr in path.split("."):
-                    module = getattr(module, attr)
-                return module
+                return model.pretrained_model.get_submodule(path)
             except AttributeError:
                 continue
-        fail(f"--frozen-prefix-cache does not know the block layout of {type(base).__name__}; pass --no-frozen-prefix-cache")
+        fail(f"--frozen-prefix-cache does not know the block layout of {type(model.pretrained_model).__name__}; "
+             "pass --no-frozen-prefix-cache")
 
     def record(self, module, args, output):
         if self.capturing and self.skip_prefix:
             self.tuple_output = isinstance(output, tuple)
             self.hidden.append((output[0] if self.tuple_output else output).detach())
 
+    def finish_recording(self):
+        """Once per step, after the first pass: the recorded rows as one table, with the positions trl reads."""
+        ids, masks = torch.cat(self.ids), torch.cat(self.masks)
+        masks_cpu = masks.cpu()
+        positions = torch.zeros(masks_cpu.shape, dtype=torch.bool)
+        for k, (query, response) in enumerate(self.spans):
+            start = int(masks_cpu[k].nonzero()[0]) + query - 1  # as trl: offset by any left padding
+            positions[k, start:start + response] = True
+        same = ((ids[:, None] == ids[None]).all(-1) & (masks[:, None] == masks[None]).all(-1)).cpu()
+        self.table = {"ids": ids, "masks": masks, "hidden": torch.cat(self.hidden) if self.hidden else None,
+                      "positions": (same[:, :, None] & positions[None]).any(1)}
+
     def skipping(self, forward, first):
         def skip_block(hidden_states, *args, **kwargs):
-            if self.rows is None or not self.skip_prefix or not self.hidden:
+            if self.rows is None or not self.skip_prefix or self.table["hidden"] is None:
                 return forward(hidden_states, *args, **kwargs)
-            out = torch.cat(self.hidden)[self.rows] if first else hidden_states
+            out = self.table["hidden"].index_select(0, self.rows[0]) if first else hidden_states
             return (out, None) if self.tuple_output else out
         return skip_block
 
-    def read_positions(self, length):
-        """[recorded rows, length] bool: the positions whose logits trl reads (they predict response tokens), or
-        None when two rows with the same tokens split them differently into query and response (rows are found
-        by their tokens, so the head could not tell which positions a call needs)."""
-        if self.positions is None or self.positions.shape[1] != length:
-            ids, masks = torch.cat(self.ids).cpu(), torch.cat(self.masks).cpu()
-            positions = torch.zeros(masks.shape, dtype=torch.bool)
-            for k, (query, response) in enumerate(self.spans):
-                start = int(masks[k].nonzero()[0]) + query - 1  # as trl: offset by any left padding
-                positions[k, start:start + response] = True
-            same = (ids[:, None] == ids[None]).all(-1) & (masks[:, None] == masks[None]).all(-1)
-            found = same.to(torch.int8).argmax(1)  # the row lookup() returns for each recorded row
-            self.positions = positions.to(self.masks[0].device) if torch.equal(positions[found], positions) else None
-        return self.positions
-
     def heading(self, forward):
         def head(hidden_states, *args, **kwargs):
-            positions = None
-            if self.rows is not None and self.response_only_logits and hidden_states.dim() == 3:
-                positions = self.read_positions(hidden_states.shape[1])
-            if positions is None:
+            if self.rows is None or not self.response_only_logits or hidden_states.dim() != 3:
                 return forward(hidden_states, *args, **kwargs)
-            read = positions[self.rows]
-            logits = forward(hidden_states[read], *args, **kwargs)  # [positions, vocab]
+            batch, length = hidden_states.shape[:2]
+            read = self.table["positions"][self.rows[1]].flatten().nonzero().squeeze(1)  # on the CPU: no sync
+            read = read.to(hidden_states.device, non_blocking=True)
+            logits = forward(hidden_states.flatten(0, 1).index_select(0, read), *args, **kwargs)  # [positions, vocab]
             self.head_positions += logits.shape[0]
-            out = logits.new_zeros(hidden_states.shape[:2] + logits.shape[-1:])
-            out[read] = logits
-            return out
+            out = logits.new_zeros(batch * length, logits.shape[-1]).index_copy(0, read, logits)
+            return out.view(batch, length, -1)
         return head
 
     def lookup(self, input_ids, attention_mask):
-        if not self.ids or attention_mask is None or self.ids[0].shape[1] != input_ids.shape[1]:
+        """(rows on the device, rows on the CPU) of this call among the recorded rows, or None."""
+        table = self.table
+        if table is None or attention_mask is None or table["ids"].shape[1] != input_ids.shape[1]:
             return None
-        ids, masks = torch.cat(self.ids), torch.cat(self.masks)
-        match = (input_ids[:, None, :] == ids[None]).all(-1) & (attention_mask[:, None, :] == masks[None]).all(-1)
-        if not bool(match.any(1).all()):  # the one host sync per forward call
-            return None
-        return match.to(torch.int8).argmax(1)
+        match = ((input_ids[:, None, :] == table["ids"][None]).all(-1)
+                 & (attention_mask[:, None, :] == table["masks"][None]).all(-1))
+        rows = match.to(torch.int8).argmax(1)
+        found = torch.cat([match.any(1).all().view(1).long(), rows]).cpu()  # the one host sync per call
+        return (rows, found[1:]) if found[0] else None
 
     def routing(self, forward, capture):
         def route(input_ids=None, *args, attention_mask=None, **kwargs):
             if not self.active or input_ids is None:
                 return forward(input_ids, *args, attention_mask=attention_mask, **kwargs)
-            recorded = sum(len(ids) for ids in self.ids)
-            if capture and not torch.is_grad_enabled() and recorded < len(self.spans):
+            if capture and not torch.is_grad_enabled() and self.table is None:
                 # the policy's first pass, over the step's rows in order: record them all, duplicates too
                 self.capturing = True
                 self.misses += 1
@@ -429,15 +420,23 @@ class FrozenPrefixCache:
                     return forward(input_ids, *args, attention_mask=attention_mask, **kwargs)
                 finally:
                     self.capturing = False
-            rows = self.lookup(input_ids, attention_mask)
-            self.rows = rows
-            self.hits += rows is not None
-            self.misses += rows is None
+                    if sum(len(ids) for ids in self.ids) == len(self.spans):
+                        self.finish_recording()
+            self.rows = self.lookup(input_ids, attention_mask)
+            self.hits += self.rows is not None
+            self.misses += self.rows is None
             try:
                 return forward(input_ids, *args, attention_mask=attention_mask, **kwargs)
             finally:
                 self.rows = None
         return route
+
+
+def checkpoint_while_training(layer, args):
+    """Forward pre-hook for checkpointed layers: trl runs every forward pass in eval mode (batched_forward_pass
+    calls model.eval()), and transformers checkpoints a layer only in training mode. The layer itself is marked
+    training while gradients are on; the dropout modules inside it keep eval mode."""
+    layer.training = torch.is_grad_enabled()
 
 
 def build_ppo_trainer(args, model, ref_model, tokenizer, total_steps, num_shared_layers):
@@ -453,6 +452,10 @@ def build_ppo_trainer(args, model, ref_model, tokenizer, total_steps, num_shared
         ppo_trainer = PPOTrainer(make_ppo_config(args, total_steps), model, ref_model, tokenizer, optimizer=optimizer)
     head = model.pretrained_model.get_output_embeddings()
     ppo_trainer.head_hook = head.register_forward_pre_hook(contiguous_head_input)
+    if args.gradient_checkpointing:  # trl enabled it on the policy's layers; make it happen under trl's eval mode
+        for layer in model.modules():
+            if getattr(layer, "gradient_checkpointing", False):
+                layer.register_forward_pre_hook(checkpoint_while_training)
     ppo_trainer.frozen_prefix_cache = None
     if ref_model is not None and (args.frozen_prefix_cache or args.response_only_logits):
         ppo_trainer.frozen_prefix_cache = FrozenPrefixCache(ppo_trainer, num_shared_layers, args.frozen_prefix_cache,
@@ -471,7 +474,7 @@ def sample_responses(ppo_trainer, tokenizer, query_tensors, lengths):
 def reward_dtype(args, device):
     """Half precision by default: float16 on GPU (as detox_common.load_classifier), bfloat16 on CPU (half the reward time there)."""
     if args.reward_dtype != "auto":
-        return getattr(torch, args.reward_dtype)
+        return DTYPES[args.reward_dtype]
     return torch.float16 if device.type == "cuda" else torch.bfloat16
 
 
@@ -538,7 +541,7 @@ def estimate_checkpoint_bytes(config, dtype, num_shared_layers, trust_remote_cod
 
 
 def check_disk(args, policy_config, num_shared_layers):
-    need = estimate_checkpoint_bytes(policy_config, getattr(torch, args.dtype), num_shared_layers, args.trust_remote_code)
+    need = estimate_checkpoint_bytes(policy_config, DTYPES[args.dtype], num_shared_layers, args.trust_remote_code)
     free = shutil.disk_usage(args.output_dir).free
     if free < need:
         fail(f"--output-dir {args.output_dir} has {free / 1e9:.2f} GB free but one checkpoint needs about "
@@ -728,11 +731,8 @@ def find_checkpoint(args):
         from safetensors import safe_open
 
         for name in ("adapter_model.safetensors" if args.use_peft else "model.safetensors", "value_head.safetensors"):
-            with safe_open(os.path.join(path, name), "pt") as f:
-                for key in f.keys():
-                    f.get_slice(key)  # reads every header entry; a truncated file fails here
-            if os.path.getsize(os.path.join(path, name)) < safetensors_data_end(os.path.join(path, name)):
-                raise ValueError(f"{name} is truncated")
+            with safe_open(os.path.join(path, name), "pt"):
+                pass  # safetensors checks that the header's tensors cover the file: a truncated one fails here
     except Exception as e:
         fail(f"checkpoint {path} is corrupt ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
              "resume from an earlier checkpoint")
@@ -741,15 +741,6 @@ def find_checkpoint(args):
         fail(f"checkpoint {path} was trained with other {', '.join('--' + k.replace('_', '-') for k in changed)} "
              f"({', '.join(f'{k}={saved_args.get(k)!r}' for k in changed)}); resume with the same values")
     return path, state
-
-
-def safetensors_data_end(path):
-    """Byte offset where a complete safetensors file ends, from its header."""
-    with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-    return 8 + header_len + max(ends, default=0)
 
 
 def load_checkpoint(ppo_trainer, path, state):
@@ -784,9 +775,8 @@ def restore_training_state(ppo_trainer, model, path, state):
     ppo_trainer.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=accelerator.device,
                                                      weights_only=False))
     ppo_trainer.kl_ctl.value = state["kl_coef"]
-    rng_file = os.path.join(path, f"rng_state_{accelerator.process_index}.pth")
-    if os.path.isfile(rng_file):
-        set_rng_state(torch.load(rng_file, weights_only=False))
+    ppo_trainer.current_step = state["step"]  # trl logs to trackers at this step
+    set_rng_state(torch.load(os.path.join(path, f"rng_state_{accelerator.process_index}.pth"), weights_only=False))
     return state["step"]
 
 
@@ -795,8 +785,11 @@ class StopRequest:
 
     def __init__(self):
         self.signal = None
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self.handle)
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def handle(self, signum, frame):
         self.signal = signum
@@ -853,6 +846,9 @@ def main(argv=None):
     # Created before trl touches accelerate: without cpu=True, processes launched on a machine without
     # GPUs would each train alone instead of data-parallel over gloo.
     state = PartialState(cpu=not torch.cuda.is_available())
+    if resume and resume[1]["num_processes"] != state.num_processes:  # each process's batches depend on the count
+        fail(f"checkpoint {resume[0]} was trained with {resume[1]['num_processes']} process(es), this run has "
+             f"{state.num_processes}; resume with the same number of processes")
     kept = load_prompts(args)
     train_rows, heldout_rows = split_prompts(kept, args, state.num_processes)
 
@@ -868,7 +864,7 @@ def main(argv=None):
     if state.is_main_process and len(heldout_rows):
         heldout_rows.to_json(os.path.join(args.output_dir, "heldout_prompts.jsonl"))
 
-    dtype = getattr(torch, args.dtype)
+    dtype = DTYPES[args.dtype]
     if args.use_peft:
         model = load_peft_policy(args, dtype, state.device)
         ref_model = None  # trl uses the policy with its adapters disabled: no second copy at all
@@ -921,8 +917,8 @@ def main(argv=None):
             lengths = response_lengths(step, len(batch["query"]), args, state.process_index)
             stats, responses, rewards = ppo_step(ppo_trainer, tokenizer, reward_fn, batch, lengths, step)
             ppo_trainer.log_stats(stats, batch, rewards)
-            episodes = [{"step": step, "process": state.process_index, "query": q, "response": r, "reward": w.item()}
-                        for q, r, w in zip(batch["query"], batch["response"], rewards)]
+            episodes = [{"step": step, "process": state.process_index, "query": q, "response": r, "reward": w}
+                        for q, r, w in zip(batch["query"], batch["response"], torch.stack(rewards).tolist())]
             if state.num_processes > 1:
                 episodes = gather_object(episodes)  # every process's episodes reach samples.jsonl
             reward_mean = float(np.mean([e["reward"] for e in episodes]))
@@ -948,6 +944,7 @@ def main(argv=None):
                 if state.is_main_process and args.save_total_limit:
                     prune_checkpoints(args.output_dir, args.save_total_limit)
     finally:
+        stop.restore()
         progress.close()
         for f in log_files.values():
             f.close()

@@ -189,14 +189,16 @@ def test_response_only_logits_compute_the_head_where_trl_reads_it(tiny_policy, l
         torch.testing.assert_close(cut[name], value, rtol=1e-5, atol=1e-6)
 
 
-def test_response_only_logits_fall_back_when_equal_tokens_are_split_differently(tiny_policy):
-    """Rows are found by their tokens: two rows with the same tokens but another query/response split would read
-    different positions, so the step computes the full head (and trl's update) instead of guessing."""
+def test_response_only_logits_cover_rows_whose_equal_tokens_are_split_differently(tiny_policy):
+    """Rows are found by their tokens: two rows with the same tokens but another query/response split read
+    different positions, so both get the union of them (here row 0's, which hold row 1's) and trl's update."""
     full, full_stats, _ = one_step(*tiny_trainer("gpt-neo", tiny_policy, frozen_prefix_cache=False,
                                                  response_only_logits=False), twin=True)
     trainer, tokenizer = tiny_trainer("gpt-neo", tiny_policy)
-    cut, cut_stats, _ = one_step(trainer, tokenizer, twin=True)
-    assert trainer.frozen_prefix_cache.head_positions == 0 and trainer.frozen_prefix_cache.hits == 20
+    cut, cut_stats, response_tokens = one_step(trainer, tokenizer, twin=True)
+    # 5 response-only passes; row 1 (two tokens shorter response) is computed at row 0's positions
+    assert trainer.frozen_prefix_cache.head_positions == 5 * (response_tokens + 2)
+    assert trainer.frozen_prefix_cache.hits == 20
     for name, value in full.items():
         torch.testing.assert_close(cut[name], value, rtol=1e-5, atol=1e-6)
 
@@ -210,6 +212,21 @@ def test_shipped_trainer_updates_the_policy_as_trls_plain_trainer(tiny_policy):
     assert fast_stats["ppo/loss/total"] == pytest.approx(plain_stats["ppo/loss/total"], rel=1e-4)
     for name, value in plain.items():
         torch.testing.assert_close(fast[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_checkpointing_checkpoints_the_trained_blocks_and_keeps_the_update(tiny_policy):
+    """trl runs its passes in eval mode, where transformers would not checkpoint: the flag must still act."""
+    plain, _, _ = one_step(*tiny_trainer("gpt-neo", tiny_policy))
+    trainer, tokenizer = tiny_trainer("gpt-neo", tiny_policy, gradient_checkpointing=True)
+    calls = []
+    for layer in trainer.model.modules():
+        if getattr(layer, "gradient_checkpointing", False):
+            checkpoint = layer._gradient_checkpointing_func
+            layer._gradient_checkpointing_func = lambda *a, _run=checkpoint, **k: calls.append(1) or _run(*a, **k)
+    checkpointed, _, _ = one_step(trainer, tokenizer)
+    assert len(calls) == 2 * 16  # the 2 trained blocks in each of the 4 epochs x 4 mini-batches; never without grad
+    for name, value in plain.items():
+        torch.testing.assert_close(checkpointed[name], value, rtol=1e-5, atol=1e-6)
 
 
 def test_contiguous_head_input_changes_no_sample(tiny_policy):

@@ -165,12 +165,18 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_whole(tiny_policy, 
     with torch.no_grad():
         model.v_head.summary.bias.fill_(3.0)
 
-    def crash(*a, **k):
-        raise OSError("disk full")
+    real_save, written = torch.save, []
 
-    monkeypatch.setattr(detoxify_ppo.torch, "save", crash)  # dies halfway: after the weights, before optimizer.pt
-    with pytest.raises(OSError):
+    def crash_at_optimizer(obj, target, *a, **k):  # dies halfway: other files are written, optimizer.pt is not
+        if str(target).endswith("optimizer.pt"):
+            written.extend(os.listdir(os.path.dirname(target)))
+            raise OSError("disk full")
+        return real_save(obj, target, *a, **k)
+
+    monkeypatch.setattr(detoxify_ppo.torch, "save", crash_at_optimizer)
+    with pytest.raises(OSError, match="disk full"):
         detoxify_ppo.save_checkpoint(trainer, tokenizer, args, path, 1)
+    assert "value_head.safetensors" in written  # the crash came after part of the new checkpoint was written
     assert digest(path) == before
 
 
