@@ -114,6 +114,7 @@ def test_yaml_config_gives_defaults_and_flags_win(tmp_path):
                          ids=os.path.basename)
 def test_study_configs_are_the_study_runs(path):
     args = detoxify_ppo.parse_args(["--config", path])
-    assert args.model.startswith("EleutherAI/") and args.model.lower().replace("-6b", "-6b") in path.lower().replace(
-        "study_", "EleutherAI/".lower())
+    models = {"study_gpt-neo-125m.yaml": "EleutherAI/gpt-neo-125M", "study_gpt-neo-2.7b.yaml": "EleutherAI/gpt-neo-2.7B",
+              "study_gpt-j-6b.yaml": "EleutherAI/gpt-j-6B"}
+    assert args.model == models[os.path.basename(path)]
     assert (args.batch_size, args.mini_batch_size, args.learning_rate, args.dtype) == (16, 4, 1.47e-5, "bfloat16")
