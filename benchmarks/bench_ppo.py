@@ -24,6 +24,7 @@ the process's RSS high-water mark on CPU).
 
 import argparse
 import contextlib
+import copy
 import datetime
 import functools
 import gc
@@ -157,8 +158,22 @@ def free_memory(device):
         torch.cuda.reset_peak_memory_stats()
 
 
+def reset_peak_rss():
+    """Start a new RSS high-water mark (Linux: writing 5 to clear_refs resets VmHWM)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # elsewhere the mark is the process's, from its start
+
+
 def peak_rss_bytes():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """RSS high-water mark since the last reset_peak_rss (VmHWM), else since the process started."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def unique_bytes(*modules):
@@ -323,15 +338,14 @@ class Speedups:
 
 
 # ---------------------------------------------------------------------------------------------- the loops
-def make_batch(rng, tokenizer, opts):
-    """Random queries of 10..15 tokens (CPU tensors, as detoxify_ppo.main hands them to ppo_step) and
-    response lengths of 20..30 tokens, drawn the way main draws them."""
+def make_batch(rng, tokenizer, opts, step=1):
+    """Random queries of 10..15 tokens (CPU tensors, as detoxify_ppo.main hands them to ppo_step) and the
+    response lengths detoxify_ppo.response_lengths draws for this step (20..30 tokens)."""
     eos = tokenizer.eos_token_id
     lengths = rng.integers(opts.min_context_tokens, opts.max_context_tokens + 1, size=opts.batch_size)
     queries = [torch.tensor(rng.integers(0, eos, size=n), dtype=torch.long) for n in lengths]
     batch = {"input_ids": queries, "query": tokenizer.batch_decode(queries)}
-    response_lengths = rng.integers(opts.min_new_tokens, opts.max_new_tokens + 1, size=opts.batch_size)
-    return batch, response_lengths
+    return batch, detoxify_ppo.response_lengths(step, opts.batch_size, opts, 0)
 
 
 def ours_step(setup, tokenizer, reward_fn, batch, lengths, step, device):
@@ -483,10 +497,15 @@ def run_variant(opts, config, tokenizer, reward, device, variant, loops, deadlin
             truncated = True
             break
         t_iter = time.perf_counter()
-        for loop in loops:
-            batch, lengths = make_batch(rng, tokenizer, opts)
+        # every loop gets the same queries and lengths (the same work); the order rotates, so no loop always
+        # runs right after another
+        batch, lengths = make_batch(rng, tokenizer, opts, step=i + 1)
+        for loop in loops[i % len(loops):] + loops[:i % len(loops)]:
+            batch = {"input_ids": list(batch["input_ids"]), "query": list(batch["query"])}  # the steps add keys
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
+            else:
+                reset_peak_rss()
             # the study's loop and ours-plain run trl's PPOTrainer as it is: the speed-ups are off meanwhile
             with setup.speedups.only() if setup.speedups and loop != "ours" else contextlib.nullcontext():
                 if loop == "study":
@@ -579,7 +598,8 @@ def run_eval(opts, config, reward_model, device):
     torch.manual_seed(opts.seed)
     model = build_policy(config, device, dtype).eval()
     classifier_dir = os.path.join(opts.workdir, "classifier")
-    reward_model.save_pretrained(classifier_dir)
+    # saved in float32: on CPU the measurement loads it as saved, as it would the real classifier
+    copy.deepcopy(reward_model).float().save_pretrained(classifier_dir)
     reward_tokenizer(reward_model.config.vocab_size, reward_model.config.max_position_embeddings - 2).save_pretrained(
         classifier_dir)
     eval_args = evaluate_toxicity.Args(toxicity_model=classifier_dir, output_dir=opts.workdir,
@@ -596,6 +616,8 @@ def run_eval(opts, config, reward_model, device):
     sync(device)
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    else:
+        reset_peak_rss()
     t0 = time.perf_counter()
     new_ids = evaluate_toxicity.generate(model, tokenizer, prompts, 1, opts.max_new_tokens, opts.eval_batch_size,
                                          desc="eval")

@@ -22,10 +22,10 @@ cd "$(dirname "$0")/.."
 DRY_RUN="${DRY_RUN:-0}"
 OUT="${OUT:-results/gpu_check}"
 TOTAL="${TOTAL_SECONDS:-400}"   # everything after the install; the install itself takes ~15 s
-mkdir -p "$OUT"
 JSON="$OUT/gpu_bench.json"
 LOG="$OUT/gpu_check.log"
 if [ "${PLAN_ONLY:-0}" != 1 ]; then
+  mkdir -p "$OUT"
   rm -f "$JSON"
   exec > >(tee -a "$LOG") 2>&1
 fi

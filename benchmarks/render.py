@@ -59,14 +59,17 @@ def ppo_table(results):
 
 
 def ladder_table(results):
-    """Memory per reference/sharing/checkpointing setting, the 'ours' loop of each config."""
-    rows = ["| run | config | shared blocks | reference | grad. checkpointing | trainable params | reference's own params | "
-            "weights GiB (policy + reference) | peak GiB (one PPO step) | step s |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
-    ours = [r for r in results if r.get("loop") == "ours" and "error" not in r and r.get("kind") == "ppo"]
+    """Memory per reference/sharing/checkpointing setting: the 'ours' loop of each setup that ran it alone (a
+    setup shared with the study's loop also holds trl's Adam, so its peak is not one configuration's)."""
+    rows = ["| run | config | variant | shared blocks | reference | grad. checkpointing | trainable params | "
+            "reference's own params | weights GiB (policy + reference) | peak GiB (one PPO step) | step s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    ours = [r for r in results if r.get("loop") == "ours" and "error" not in r and r.get("kind") == "ppo"
+            and "speedup_vs_study" not in r and "speedup_vs_plain" not in r]
     for r in sorted(ours, key=lambda r: (r["config"], r["reference"], r["gradient_checkpointing"],
                                          r["num_shared_layers"], r.get("run", 0))):
-        rows.append(f"| {r.get('run', '')} | {r['config']} | {r['num_shared_layers']} | {r['reference']} | "
+        reference = "separate copy" if r["num_shared_layers"] == 0 else r["reference"]
+        rows.append(f"| {r.get('run', '')} | {r['config']} | {r['variant']} | {r['num_shared_layers']} | {reference} | "
                     f"{'on' if r['gradient_checkpointing'] else 'off'} | {r['trainable_parameters']:,} | "
                     f"{r['reference_own_parameters']:,} | {gib(r['weights_bytes'])} | {gib(r['peak_memory_bytes'])} | "
                     f"{r['median']['step']:.3f} |")
@@ -107,29 +110,20 @@ def projection_table(results):
 
 
 def speedup_lines(results):
-    """ours and ours-plain (speed-ups off) against the study's loop and against each other, per config, default settings; the first
-    result of each loop counts (a config measured in two runs, e.g. gpt-j-6b in stages 2 and 4, is compared
-    across them: same machine, same script)."""
-    first, paired = {}, {}
-    for r in results:
-        if r.get("kind") == "ppo" and "error" not in r and r.get("default_settings"):
-            first.setdefault(r["config"], {}).setdefault(r["loop"], r["episodes_per_second"])
-            if "speedup_vs_study_paired" in r:
-                paired.setdefault(r["config"], {}).setdefault(r["loop"], r["speedup_vs_study_paired"])
+    """The ratios bench_ppo.py measured within one setup (loops interleaved on the same trainer), never across runs."""
     lines = []
-    for config, eps in first.items():
+    for r in results:
+        if r.get("kind") != "ppo" or "error" in r or not r.get("default_settings"):
+            continue
         parts = []
-        for loop in ("ours", "ours-plain"):
-            if loop in eps and "study" in eps:
-                text = f"{loop} {eps[loop] / eps['study']:.2f}x the study's loop"
-                pair = paired.get(config, {}).get(loop)
-                if pair:
-                    text += f" (per interleaved step: median {pair['median']:.2f}x, {pair['min']:.2f}-{pair['max']:.2f})"
-                parts.append(text)
-        if "ours" in eps and "ours-plain" in eps:
-            parts.append(f"ours {eps['ours'] / eps['ours-plain']:.2f}x ours-plain")
+        if "speedup_vs_study" in r:
+            pair = r["speedup_vs_study_paired"]
+            parts.append(f"{r['speedup_vs_study']:.2f}x the study's loop (per interleaved step: median "
+                         f"{pair['median']:.2f}x, {pair['min']:.2f}-{pair['max']:.2f})")
+        if "speedup_vs_plain" in r:
+            parts.append(f"{r['speedup_vs_plain']:.2f}x ours-plain")
         if parts:
-            lines.append(f"- {config}: " + "; ".join(parts) + " (episodes/s, default settings)")
+            lines.append(f"- run {r.get('run', '')}, {r['config']}, {r['loop']}: " + "; ".join(parts) + " (episodes/s)")
     return lines
 
 

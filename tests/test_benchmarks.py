@@ -70,7 +70,7 @@ def test_quick_mode_writes_consistent_results(quick_json):
         ppo["ours"]["episodes_per_second"] / ppo["ours-plain"]["episodes_per_second"])
     (ablation,) = [r for r in data["results"] if r.get("kind") == "optimize-ablation"]
     assert list(ablation["steps"]) == ["trl step", "+ frozen-prefix cache", "+ response-only logits", "+ fused Adam"]
-    assert ablation["rounds"] == 1 and ablation["steps"]["trl step"]["paired_speedup_median"] == 1.0
+    assert ablation["rounds"] == 1
     for t in ablation["steps"].values():
         assert len(t["seconds"]) == 1 and t["median"] == t["seconds"][0] > 0 and t["paired_speedup_median"] > 0
     (ev,) = [r for r in data["results"] if r.get("kind") == "eval"]
