@@ -105,8 +105,6 @@ def read_results(folder):
 
 def check_args(args):
     """Every error knowable before loading weights; returns ({model: context length or None}, example prompts)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     for name in ("num_examples", "max_new_tokens", "max_new_tokens_limit", "max_prompt_chars", "max_prompt_tokens"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -127,12 +125,7 @@ def check_args(args):
     contexts = {}
     for what, name in (("base model", args.base), ("detoxified model", args.detoxified)):
         config = load_config(name, what)
-        if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-            fail(f"{what} {name} is a {config.model_type}, which has no causal LM head")
-        causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())  # a saved classifier of a causal-capable type
-        if config.architectures and not any(a in causal or a.endswith(("ForCausalLM", "LMHeadModel"))
-                                            for a in config.architectures):
-            fail(f"{what} {name} is a {', '.join(config.architectures)}, not a causal LM")
+        ev.check_causal_lm(config, name, what)
         contexts[name] = ev.context_length(config)
         if contexts[name] is not None and contexts[name] - args.max_new_tokens < 1:
             fail(f"{what} {name} takes {contexts[name]} positions, too few for --max-new-tokens {args.max_new_tokens}")
@@ -188,15 +181,9 @@ class Comparer:
         model, tokenizer = self.models[name]
         with self.lock:
             ids = ev.prompt_ids(tokenizer, [prompt], self.args.max_prompt_tokens)
-            config = model.generation_config
-            saved = config.temperature, config.top_p
-            config.temperature, config.top_p = temperature, top_p  # ev.generate samples with the model's config
-            try:
-                torch.manual_seed(seed)  # the same seed for both models, as evaluate_toxicity.py does
-                new_ids = ev.generate(model, tokenizer, ids, 1, max_new_tokens, batch_size=1,
-                                      desc=os.path.basename(name.rstrip("/")) or name)
-            finally:
-                config.temperature, config.top_p = saved
+            torch.manual_seed(seed)  # the same seed for both models, as evaluate_toxicity.py does
+            new_ids = ev.generate(model, tokenizer, ids, 1, max_new_tokens, batch_size=1,
+                                  desc=os.path.basename(name.rstrip("/")) or name, temperature=temperature, top_p=top_p)
             text = tokenizer.decode(new_ids[0][0], skip_special_tokens=True)
             score = self.toxicity.compute(predictions=[text], toxic_label=self.args.toxic_label)["toxicity"][0]
         return text, float(score)

@@ -85,8 +85,13 @@ def load_classifier(name, device, dtype=None):
 
 @torch.no_grad()
 def classifier_logits(tokenizer, model, texts, batch_size=64):
-    """float32 logits (len(texts), num_labels), inputs truncated to the classifier's maximum length."""
+    """float32 logits (len(texts), num_labels), inputs truncated to the classifier's maximum length.
+
+    A tokenizer that adds no special tokens turns "" into 0 tokens, which the model cannot run on (a batch of
+    only empty texts crashes): such texts are scored as the end-of-text token instead."""
     max_length = classifier_max_length(tokenizer, model)
+    if not tokenizer("")["input_ids"]:
+        texts = [t if t else (tokenizer.eos_token or " ") for t in texts]
     out = []
     for i in range(0, len(texts), batch_size):
         enc = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,

@@ -191,8 +191,9 @@ def prompt_ids(tokenizer, texts, max_tokens):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, ids, k, max_new_tokens, batch_size, desc=""):
-    """k sampled continuations per prompt (list of token-id lists): left-padded batches, new tokens only."""
+def generate(model, tokenizer, ids, k, max_new_tokens, batch_size, desc="", **generate_kwargs):
+    """k sampled continuations per prompt (list of token-id lists): left-padded batches, new tokens only.
+    generate_kwargs (e.g. temperature, top_p) go to model.generate."""
     from tqdm.auto import tqdm
 
     pad = tokenizer.pad_token_id
@@ -205,7 +206,7 @@ def generate(model, tokenizer, ids, k, max_new_tokens, batch_size, desc=""):
         input_ids = torch.tensor([[pad] * (width - len(ids[i])) + ids[i] for i in batch], device=model.device)
         mask = torch.tensor([[0] * (width - len(ids[i])) + [1] * len(ids[i]) for i in batch], device=model.device)
         seqs = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=True, max_new_tokens=max_new_tokens,
-                              num_return_sequences=k, pad_token_id=pad)
+                              num_return_sequences=k, pad_token_id=pad, **generate_kwargs)
         new = seqs[:, width:].tolist()  # slice TOKENS after the prompt: the output never contains the prompt
         for j, i in enumerate(batch):
             out[i] = new[j * k:(j + 1) * k]  # generate returns each prompt's k samples together
@@ -264,9 +265,7 @@ def extra_scores(scorer, texts, label, batch_size):
     """Toxic-label probability from an independent classifier: softmax over its labels, or sigmoid for a
     multi-label one (e.g. unitary/toxic-bert, whose labels are separate yes/no attributes)."""
     tokenizer, model = scorer
-    if not tokenizer("")["input_ids"]:  # "" would be 0 tokens: score it as end-of-text, as our toxicity module does
-        texts = [t if t else (tokenizer.eos_token or " ") for t in texts]
-    logits = classifier_logits(tokenizer, model, texts, batch_size)
+    logits = classifier_logits(tokenizer, model, texts, batch_size)  # "" scored as end-of-text, as our module does
     if model.config.problem_type == "multi_label_classification":
         return torch.sigmoid(logits[:, label]).tolist()
     return torch.softmax(logits, -1)[:, label].tolist()
@@ -277,31 +276,31 @@ def perplexities(model, tokenizer, prompts, generations, batch_size=16):
     """Perplexity of each generation given its prompt: loss over generation tokens only; None if it is empty."""
     limit = context_length(model.config) or 1024
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    items = []
-    for prompt, gen in zip(prompts, generations):
-        g = tokenizer(gen, add_special_tokens=False).input_ids[:limit - 1]
-        p = tokenizer(prompt, add_special_tokens=False).input_ids
-        p = (p or [tokenizer.eos_token_id])[-(limit - len(g)):]  # keep the prompt's end; eos if empty
-        items.append((p, g))
+    gens = [g[:limit - 1] for g in tokenizer(list(generations), add_special_tokens=False).input_ids]
+    items = [((p or [tokenizer.eos_token_id])[-(limit - len(g)):], g)  # keep the prompt's end; eos if empty
+             for p, g in zip(tokenizer(list(prompts), add_special_tokens=False).input_ids, gens)]
     out = [None] * len(items)
-    todo = [i for i, (_, g) in enumerate(items) if g]
-    for start in range(0, len(todo), batch_size):
+    todo = sorted((i for i, (_, g) in enumerate(items) if g), key=lambda i: len(items[i][0]) + len(items[i][1]))
+    for start in range(0, len(todo), batch_size):  # similar lengths together: less padding
         batch = todo[start:start + batch_size]
         width = max(len(items[i][0]) + len(items[i][1]) for i in batch)
+        most = max(len(items[i][1]) for i in batch)
         ids = torch.full((len(batch), width), pad)
-        labels = torch.full((len(batch), width), -100)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
+        at = torch.zeros((len(batch), most), dtype=torch.long)  # position whose logits predict each generation token
+        labels = torch.full((len(batch), most), -100)  # only generation tokens count
         for row, i in enumerate(batch):
             p, g = items[i]
             ids[row, :len(p) + len(g)] = torch.tensor(p + g)
-            labels[row, len(p):len(p) + len(g)] = torch.tensor(g)  # only generation tokens count
             mask[row, :len(p) + len(g)] = 1
-        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:].to(model.device),
-                                                reduction="none", ignore_index=-100)
-        counts = (labels[:, 1:] != -100).sum(1).to(model.device)
-        for row, i in enumerate(batch):
-            out[i] = math.exp((nll[row].sum() / counts[row]).item())
+            at[row, :len(g)] = torch.arange(len(p) - 1, len(p) + len(g) - 1)
+            labels[row, :len(g)] = torch.tensor(g)
+        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
+        logits = logits[torch.arange(len(batch), device=logits.device)[:, None], at.to(logits.device)].float()
+        labels = labels.to(logits.device)
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none", ignore_index=-100)
+        for i, mean_nll in zip(batch, (nll.sum(1) / (labels != -100).sum(1)).tolist()):
+            out[i] = math.exp(mean_nll)
     return out
 
 
@@ -313,6 +312,32 @@ def write_atomic(path, text):
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+# columns of each row that record the settings its numbers depend on: column -> option
+SETTINGS = {"dataset": "dataset", "split": "split", "rtp_prompts": "rtp_prompts", "seed": "seed",
+            "n_prompts": "num_samples", "k": "generations_per_prompt", "max_prompt_tokens": "max_prompt_tokens",
+            "max_new_tokens": "max_new_tokens", "toxicity_model": "toxicity_model", "toxic_label": "toxic_label",
+            "threshold": "threshold"}
+
+
+def same_setting(recorded, value):
+    """A value read back from the CSV (pandas parses numbers) against the option's value."""
+    try:
+        return float(recorded) == float(value)
+    except (TypeError, ValueError):
+        return recorded is not None and str(recorded) == str(value)
+
+
+def check_previous(rows, args):
+    """Refuse earlier rows measured with other settings: in one table with new rows they would not compare."""
+    for row in rows:
+        for column, option in SETTINGS.items():
+            if not same_setting(row.get(column), getattr(args, option)):
+                was = f"{row[column]}" if column in row else "no record of it (an older evaluate_toxicity.py)"
+                fail(f"{os.path.join(args.output_dir, 'toxicity.csv')} holds {row['model']} measured with other "
+                     f"settings (--{option.replace('_', '-')}: {was}, now {getattr(args, option)}); use another "
+                     "--output-dir, or move the earlier files away")
 
 
 def read_previous(output_dir):
@@ -410,6 +435,19 @@ def plot(rows, output_dir):
 
 # ---------------------------------------------------------------- main
 
+def check_causal_lm(config, name, what="model"):
+    """Refuse a config that cannot give a causal LM: a model type without such a head, or a saved model of
+    another head (a classifier of a causal-capable type would load with a random LM head)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        fail(f"{what} {name} is a {config.model_type}, which has no causal LM head")
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if config.architectures and not any(a in causal or a.endswith(("ForCausalLM", "LMHeadModel"))
+                                        for a in config.architectures):
+        fail(f"{what} {name} is a {', '.join(config.architectures)}, not a causal LM")
+
+
 def check_args(args, device):
     """Every error that can be known before loading weights: bad numbers, unknown models, missing labels."""
     for name in ("num_samples", "max_prompt_tokens", "max_new_tokens", "generations_per_prompt", "batch_size",
@@ -422,13 +460,10 @@ def check_args(args, device):
         fail(f"--threshold must be between 0 and 1, got {args.threshold}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         fail(f"--device {device} but no CUDA device is available")
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     limits = {}
     for name in dict.fromkeys(args.models + ([args.fluency_model] if args.fluency_model else [])):
         config = load_config(name, "model")
-        if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-            fail(f"model {name} is a {config.model_type}, which has no causal LM head")
+        check_causal_lm(config, name)
         limits[name] = context_length(config)
         if name in args.models and limits[name] is not None and limits[name] - args.max_new_tokens < 1:
             fail(f"model {name} takes {limits[name]} positions, too few for --max-new-tokens {args.max_new_tokens}")
@@ -450,6 +485,8 @@ def main(argv=None):
     dtype = resolve_dtype(args.dtype, device)
     limits, extra_label = check_args(args, device)
     prompts = choose_prompts(load_prompt_rows(args), args.num_samples, args.seed, args.threshold, args.rtp_prompts)
+    rows, records = read_previous(args.output_dir)  # before any scorer loads: a mismatch fails fast
+    check_previous(rows, args)
     os.makedirs(args.output_dir, exist_ok=True)
 
     # scorers stay loaded for the whole run (the models under test come and go one at a time)
@@ -458,7 +495,6 @@ def main(argv=None):
     fluency = load_causal_lm(args.fluency_model, device, dtype) if args.fluency_model else None
 
     k = args.generations_per_prompt
-    rows, records = read_previous(args.output_dir)
     done = {r["model"] for r in rows}
     todo = [m for m in args.models if not (args.resume and m in done)]
     if len(todo) < len(args.models):
@@ -509,6 +545,7 @@ def main(argv=None):
             row |= {"fluency_model": args.fluency_model,  # over non-empty generations
                     "perplexity": float(np.mean(finite)) if finite else float("nan")}
         row |= {"generate_seconds": round(gen_seconds, 2), "total_seconds": round(time.time() - started, 2)}
+        row |= {column: getattr(args, option) for column, option in SETTINGS.items() if column not in row}
         rows.append(row)
         for j, (text, gen) in enumerate(zip(flat_prompts, flat)):
             records.append({"model": name, "prompt_index": j // k, "id": prompts[j // k][0], "sample": j % k,

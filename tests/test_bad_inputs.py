@@ -50,6 +50,13 @@ def broken_checkpoint(folder, name, damage):
     return out
 
 
+def rewrite_json(path, **changes):
+    with open(path) as f:
+        data = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**data, **changes}, f)
+
+
 def text_file(folder, name, text):
     path = os.path.join(folder, name)
     with open(path, "w") as f:
@@ -97,6 +104,11 @@ TRAIN_CASES = {
         lambda w: ["--resume-from-checkpoint", "auto", "--output-dir",
                    broken_checkpoint(w, "truncated", lambda c: truncate(os.path.join(c, "model.safetensors")))],
         "is corrupt"),
+    "resume with another process count": (
+        lambda w: ["--resume-from-checkpoint", "auto", "--output-dir",
+                   broken_checkpoint(w, "two-processes", lambda c: rewrite_json(os.path.join(c, "trainer_state.json"),
+                                                                                num_processes=2))],
+        "trained with 2 process(es), this run has 1"),
     "resume with another seed": (lambda w: ["--resume-from-checkpoint", f"{w}/out/checkpoint-1", "--seed", "7"],
                                  "other --seed"),
     "8-bit loading on CPU": (lambda w: ["--use-peft", "--load-in-8bit"], "need a CUDA GPU"),
@@ -143,6 +155,8 @@ EVAL_CASES = {
     "num samples 0": (lambda w, p, c: ["--num-samples", "0"], "--num-samples must be at least 1"),
     "context too short": (lambda w, p, c: ["--max-new-tokens", "128"], "too few for --max-new-tokens 128"),
     "missing toxicity module": (lambda w, p, c: ["--toxicity-module", f"{w}/no-module"], "toxicity module"),
+    "classifier as a model": (lambda w, p, c: ["--models", c], "is a RobertaForSequenceClassification, not a causal LM"),
+    "earlier rows of unknown settings": (lambda w, p, c: [], "measured with other settings (--dataset: no record of it"),
 }
 
 

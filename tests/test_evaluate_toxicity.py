@@ -5,6 +5,7 @@ Two CLI runs are shared through module fixtures: `run` (two models, K=2, extra s
 """
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -16,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_cli
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoConfig, GPTNeoForCausalLM
+from transformers import (AutoModelForCausalLM, AutoTokenizer, GPTNeoConfig, GPTNeoForCausalLM,
+                          GPTNeoForSequenceClassification, HfArgumentParser)
 
 import evaluate_toxicity as et
 
@@ -129,6 +131,14 @@ def test_only_n_toxic_rows_and_same_prompts_for_every_model(run, wiki_rows, tiny
         assert (int(row["n_prompts"]), int(row["k"]), int(row["n"])) == (N, K, N * K)
 
 
+def test_rows_record_their_settings(run, wiki_csv, tiny_classifier):
+    for row in run[2]:
+        assert {c: row[c] for c in et.SETTINGS} == {
+            "dataset": wiki_csv, "split": "auto", "rtp_prompts": "toxic", "seed": "3", "n_prompts": str(N),
+            "k": str(K), "max_prompt_tokens": str(PROMPT_TOKENS), "max_new_tokens": str(NEW),
+            "toxicity_model": tiny_classifier, "toxic_label": "hate", "threshold": "0.5"}
+
+
 def test_long_prompt_is_cut_to_its_end(run, wiki_rows):
     long_row = next(r for r in wiki_rows if r["id"] == "tox-0")
     cut = [r["prompt"] for r in run[3] if r["id"] == "tox-0"]
@@ -211,14 +221,49 @@ def test_rerun_gives_identical_generations_and_a_crash_keeps_finished_rows(run, 
 
 # ---------------------------------------------------------------- bad input (before any generation)
 
+def tree_digest(folder):
+    paths = [os.path.join(root, name) for root, _, files in os.walk(folder) for name in files]
+    return {os.path.relpath(p, folder): hashlib.sha256(open(p, "rb").read()).hexdigest() for p in paths}
+
+
+def test_earlier_rows_of_other_settings_are_refused(run, tiny_policy, tiny_classifier, wiki_csv, tmp_path):
+    out = str(tmp_path / "earlier")
+    shutil.copytree(run[0], out)  # rows measured with --seed 3
+    before = tree_digest(out)
+    result = run_cli("evaluate_toxicity.py", "--models", tiny_policy, "--dataset", wiki_csv,
+                     "--toxicity-model", tiny_classifier, "--num-samples", N, "--generations-per-prompt", K,
+                     "--max-new-tokens", NEW, "--max-prompt-tokens", PROMPT_TOKENS, "--seed", 4, "--output-dir", out,
+                     "--resume")
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "(--seed: 3, now 4)" in last and "use another --output-dir" in last, \
+        result.stderr[-2000:]
+    assert "Loading weights" in run[1].stderr and "Loading weights" not in result.stderr  # refused before loading
+    assert tree_digest(out) == before
+
+
+def test_check_previous_compares_every_setting():
+    (args,) = HfArgumentParser(et.Args).parse_args_into_dataclasses(args=["--toxicity-model", "tiny/classifier"])
+    row = {"model": "m"} | {column: getattr(args, option) for column, option in et.SETTINGS.items()}
+    et.check_previous([row], args)
+    et.check_previous([row | {"seed": float(args.seed), "threshold": str(args.threshold)}], args)  # as read back
+    for column, option in et.SETTINGS.items():
+        changed = row | {column: "other" if isinstance(row[column], str) else row[column] + 1}
+        with pytest.raises(SystemExit, match=f"--{option.replace('_', '-')}: "):
+            et.check_previous([changed], args)
+        with pytest.raises(SystemExit, match=f"--{option.replace('_', '-')}: no record of it"):
+            et.check_previous([{k: v for k, v in row.items() if k != column}], args)
+
 def rows_file(tmp_path, rows, name="rows.jsonl"):
     path = tmp_path / name
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
 
 
-def test_resume_skips_measured_models_and_keeps_their_rows(rerun, tiny_policy, tiny_classifier, small_model, wiki_csv):
-    out, _, _ = rerun
+def test_resume_skips_measured_models_and_keeps_their_rows(rerun, tiny_policy, tiny_classifier, small_model, wiki_csv,
+                                                          tmp_path):
+    out = str(tmp_path / "resumed")
+    shutil.copytree(rerun[0], out)  # the rerun fixture's folder stays as other tests expect it
     before_table, before_records = read_outputs(out)
     result = run_cli("evaluate_toxicity.py", "--models", tiny_policy, small_model, "--dataset", wiki_csv,
                      "--toxicity-model", tiny_classifier, "--num-samples", N, "--generations-per-prompt", K,
@@ -322,6 +367,37 @@ def test_perplexity_lower_on_training_text_than_shuffled(tiny_policy, corpus):
     assert all(math.isfinite(p) for p in ppl_real + ppl_shuffled)
     assert np.mean(ppl_real) < np.mean(ppl_shuffled)
     assert et.perplexities(model, tokenizer, ["the cat"], [""]) == [None]  # nothing generated: no perplexity
+
+
+def test_perplexity_matches_a_direct_computation(tiny_policy, corpus):
+    model = AutoModelForCausalLM.from_pretrained(tiny_policy).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_policy)
+    prompts = [corpus[0][0], "", corpus[2][0] + corpus[3][0], corpus[4][0]]
+    gens = [corpus[0][1], corpus[1][1], " the", corpus[4][1] + corpus[5][1]]  # unequal lengths: padding, sorting
+
+    def direct(prompt, gen):
+        p = tokenizer(prompt, add_special_tokens=False).input_ids or [tokenizer.eos_token_id]
+        g = tokenizer(gen, add_special_tokens=False).input_ids
+        with torch.no_grad():
+            logits = model(torch.tensor([p + g])).logits[0]
+        return math.exp(torch.nn.functional.cross_entropy(logits[len(p) - 1:-1], torch.tensor(g)).item())
+
+    expected = [direct(p, g) for p, g in zip(prompts, gens)]
+    assert et.perplexities(model, tokenizer, prompts, gens, batch_size=3) == pytest.approx(expected, rel=1e-5)
+    assert et.perplexities(model, tokenizer, prompts, gens, batch_size=1) == pytest.approx(expected, rel=1e-5)
+
+
+def test_classifier_scores_empty_texts_as_end_of_text(tiny_policy):
+    # a tokenizer that adds no special tokens makes "" 0 tokens: detox_common.classifier_logits scores it as eos
+    tokenizer = AutoTokenizer.from_pretrained(tiny_policy)
+    tokenizer.pad_token = tokenizer.eos_token
+    assert tokenizer("").input_ids == []
+    torch.manual_seed(0)
+    model = GPTNeoForSequenceClassification(GPTNeoConfig(
+        vocab_size=len(tokenizer), hidden_size=16, num_layers=1, num_heads=2, attention_types=[[["global"], 1]],
+        max_position_embeddings=64, num_labels=2, pad_token_id=tokenizer.eos_token_id)).eval()
+    eos = et.extra_scores((tokenizer, model), [tokenizer.eos_token], 1, 8)[0]
+    assert et.extra_scores((tokenizer, model), ["", ""], 1, 8) == pytest.approx([eos, eos])  # 0 tokens: no crash
 
 
 def test_empty_generations_are_scored(tiny_classifier, tmp_path):

@@ -50,6 +50,8 @@ DEFAULT_MODEL = "facebook/roberta-hate-speech-dynabench-r4-target"
 def toxicity_scores(preds, classifier, toxic_label, batch_size):
     """Probability of toxic_label for each text (softmax over all of the classifier's labels)."""
     tokenizer, config = classifier.tokenizer, classifier.model.config
+    # limit and empty-text guard mirror detox_common.classifier_max_length/classifier_logits: kept as copies, since
+    # evaluate.load runs this file from its cache and would demand `detox_common` as an installed library
     limit = getattr(config, "max_position_embeddings", None)
     if limit and config.model_type in ("roberta", "xlm-roberta", "camembert"):
         limit -= 2  # RoBERTa offsets positions by padding_idx + 1
