@@ -21,9 +21,12 @@ import urllib.request
 from urllib.parse import urlparse
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import ROOT, run_cli
+
+from detox_common import classifier_logits, load_classifier
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
@@ -130,9 +133,7 @@ def drive(url, screenshot=None, check_results=True, prompt_text="his sister clai
             expect(status).to_contain_text("too long", timeout=15_000)
             seen["long_message"] = status.inner_text()
 
-            page.locator("#examples button.gallery-item").first.click()  # an example fills the prompt box
-            seen["example"] = prompt.input_value()
-            prompt.fill(prompt_text)  # then a typed prompt (the tiny models end a whole example sentence at once)
+            prompt.fill(prompt_text)  # a typed prompt (the tiny models end a whole example sentence at once)
             page.locator("#seed input").fill(str(seed))
 
             runs = iter(range(1, 100))
@@ -151,6 +152,11 @@ def drive(url, screenshot=None, check_results=True, prompt_text="his sister clai
             if screenshot:
                 page.screenshot(path=screenshot, full_page=True)
             seen["answers_again"] = answers()  # same prompt and seed: the same answers
+
+            # last, so that its fill (a round trip to the app) cannot land on the typed prompt above
+            page.locator("#examples button.gallery-item").first.click()  # an example fills the prompt box
+            expect(prompt).not_to_have_value(prompt_text, timeout=15_000)
+            seen["example"] = prompt.input_value()
 
             if check_results:
                 page.get_by_role("tab", name="Evaluation results").click()
@@ -195,7 +201,6 @@ def results_dir(tmp_path_factory):
 
 def test_browser_compare(tmp_path, tiny_policy, detox_policy, tiny_classifier, results_dir):
     require_browser()
-    started = time.time()
     app = App(["--base", tiny_policy, "--detoxified", detox_policy, "--toxicity-model", tiny_classifier,
                "--examples", SAMPLE_WIKI, "--results", results_dir], tmp_path / "app.log")
     try:
@@ -219,15 +224,13 @@ def test_browser_compare(tmp_path, tiny_policy, detox_policy, tiny_classifier, r
     assert os.path.getsize(tmp_path / "compare_app.png") > 10_000
     assert "Running on local URL:  http://127.0.0.1:" in log, log[-2000:]
     assert "gradio.live" not in log
-    assert time.time() - started < 60, f"browser test took {time.time() - started:.0f} s"
 
 
 def test_scores_match_evaluate_toxicity(tiny_policy, tiny_classifier):
-    """The app's score is evaluate_toxicity.py's measurement: same module, classifier and label."""
+    """The app's score is the classifier's probability of the toxic label; sampling settings reach generation."""
     from transformers import HfArgumentParser
 
     import compare_app
-    import evaluate_toxicity as ev
 
     (args,) = HfArgumentParser(compare_app.Args).parse_args_into_dataclasses(
         args=["--base", tiny_policy, "--detoxified", tiny_policy, "--toxicity-model", tiny_classifier])
@@ -240,10 +243,10 @@ def test_scores_match_evaluate_toxicity(tiny_policy, tiny_classifier):
     # the sampling settings reach generation: a tiny top-p or temperature leaves one answer whatever the seed
     assert len({comparer.answer(tiny_policy, "the cat said that", 10, 1.0, 0.01, seed=s)[0] for s in range(3)}) == 1
     assert len({comparer.answer(tiny_policy, "the cat said that", 10, 1e-4, 1.0, seed=s)[0] for s in range(3)}) == 1
-    (eval_args,) = HfArgumentParser(ev.Args).parse_args_into_dataclasses(
-        args=["--toxicity-model", tiny_classifier, "--output-dir", comparer._cache.name])
-    measurement = ev.load_toxicity_measurement(eval_args, "cpu")
-    assert measurement.compute(predictions=[text], toxic_label="hate")["toxicity"][0] == pytest.approx(score)
+    # the score is the classifier's probability of "hate", computed here without the measurement module
+    tokenizer, classifier = load_classifier(tiny_classifier, "cpu", torch.float32)
+    probability = torch.softmax(classifier_logits(tokenizer, classifier, [text]), -1)[0, 1].item()
+    assert score == pytest.approx(probability, abs=1e-5)
     assert comparer.prompt_problem("   ", 20).startswith("Please type a prompt")
     assert "too long" in comparer.prompt_problem("the cat " * 200, 20)  # 128-position model: too many tokens
     assert comparer.prompt_problem("the cat said that", 20) is None
