@@ -14,14 +14,15 @@ default). Gradio's analytics are switched off and nothing is fetched from the in
 """
 
 import difflib
+import errno
 import html
 import itertools
 import os
+import socket
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no telemetry, no version check
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -68,20 +69,21 @@ class Args:
 
 # ---------------------------------------------------------------- checks (before any weights are loaded)
 
-def read_examples(args):
-    """Up to num_examples toxic prompts of the evaluation data, picked as evaluate_toxicity.py picks them (seed 0)."""
-    rows = ev.load_prompt_rows(SimpleNamespace(dataset=args.examples, split="auto", dataset_revision="auto"))
+def read_examples(path, num_examples, max_prompt_chars):
+    """Up to num_examples toxic prompts of the evaluation data at path (read as evaluate_toxicity.py reads
+    --dataset), picked as it picks them (seed 0), leaving out those longer than max_prompt_chars."""
+    rows = ev.load_prompt_rows(path)
     error = None
-    for n in range(args.num_examples, 0, -1):  # choose_prompts refuses to return fewer than asked: ask for fewer
+    for n in range(num_examples, 0, -1):  # choose_prompts refuses to return fewer than asked: ask for fewer
         try:
             prompts = ev.choose_prompts(rows, n, seed=0)
         except SystemExit as e:
             error = e
             continue
-        short = [text for _, text in prompts if text.strip() and len(text) <= args.max_prompt_chars]
+        short = [text for _, text in prompts if text.strip() and len(text) <= max_prompt_chars]
         if short:
             return short
-        fail(f"every example prompt in {args.examples} is longer than --max-prompt-chars {args.max_prompt_chars}")
+        fail(f"every example prompt in {path} is longer than --max-prompt-chars {max_prompt_chars}")
     raise error
 
 
@@ -131,43 +133,84 @@ def check_args(args):
             fail(f"{what} {name} takes {contexts[name]} positions, too few for --max-new-tokens {args.max_new_tokens}")
     label_index(load_config(args.toxicity_model, "toxicity model"), args.toxic_label,
                 f"toxicity model {args.toxicity_model}")
-    if not os.path.exists(args.toxicity_module) and args.toxicity_module.startswith((".", "/", "~")):
-        fail(f"toxicity module {args.toxicity_module} not found: no such folder or file")
-    return contexts, read_examples(args)
+    ev.check_toxicity_module(args.toxicity_module)
+    return contexts, read_examples(args.examples, args.num_examples, args.max_prompt_chars)
+
+
+def first_ports():
+    """The ports --port 0 tries, in order (gradio's search): from 7860 (or GRADIO_SERVER_PORT), 100 of them (or
+    GRADIO_NUM_PORTS)."""
+    start = int(os.environ.get("GRADIO_SERVER_PORT", "7860"))
+    return range(start, start + int(os.environ.get("GRADIO_NUM_PORTS", "100")))
+
+
+def check_address(host, port):
+    """Stop now, before any weights load, if the app could not listen on host:port (port 0: the first free one
+    from 7860); returns the port it would get. A bind of a socket, closed at once, tells."""
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # [::1] as a browser writes it
+    not_here = (f"--host {host} is not an address of this machine; use 127.0.0.1 (this machine only) or 0.0.0.0 "
+                "(every network interface)")
+    try:
+        family, _, _, _, address = socket.getaddrinfo(bare, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError):
+        fail(not_here)
+    for candidate in [port] if port else first_ports():
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is no obstacle
+            try:
+                s.bind((address[0], candidate, *address[2:]))
+                return candidate
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    continue
+                if e.errno == errno.EADDRNOTAVAIL:
+                    fail(not_here)
+                if e.errno == errno.EACCES:
+                    fail(f"--port {candidate} on {host} needs administrator rights; pick one from 1024 up "
+                         "(or 0 for the first free one)")
+                fail(f"cannot listen on --host {host} --port {candidate} ({e.strerror}); pick another --host or --port")
+    if port:
+        fail(f"--port {port} on {host} is in use; pick another --port (or 0 for the first free one)")
+    ports = first_ports()
+    fail(f"no free port on {host} among {ports[0]}-{ports[-1]} (--port 0 tries those); pick a free one with --port")
 
 
 # ---------------------------------------------------------------- the two models and the scorer
 
 class Comparer:
-    """Both models and the toxicity measurement, loaded once; one generation at a time (a lock)."""
+    """The models (names: hub ids or folders; {name: context length or None} in contexts) and the toxicity
+    measurement, loaded once; one generation at a time (a lock). Prompts over max_prompt_chars characters or
+    max_prompt_tokens tokens are refused; the page allows up to max_new_tokens_limit new tokens."""
 
-    def __init__(self, args, contexts):
-        self.args, self.contexts = args, contexts
-        self.device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = resolve_dtype(args.dtype, self.device)
+    def __init__(self, names, contexts, *, toxicity_module, toxicity_model, toxic_label, max_prompt_chars,
+                 max_prompt_tokens, max_new_tokens_limit, device="auto", dtype="auto"):
+        self.contexts, self.toxic_label = contexts, toxic_label
+        self.max_prompt_chars, self.max_prompt_tokens = max_prompt_chars, max_prompt_tokens
+        self.max_new_tokens_limit = max_new_tokens_limit
+        self.device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = resolve_dtype(dtype, self.device)
         self.models = {}
-        for name in (args.base, args.detoxified):
+        for name in names:
             if name not in self.models:
                 self.models[name] = ev.load_causal_lm(name, self.device, dtype)
         self._cache = tempfile.TemporaryDirectory(prefix="compare_app_")  # evaluate's cache dir, gone at exit
-        self.toxicity = ev.load_toxicity_measurement(SimpleNamespace(
-            toxicity_module=args.toxicity_module, toxicity_model=args.toxicity_model, output_dir=self._cache.name,
-            score_batch_size=8), self.device)
+        self.toxicity = ev.load_toxicity_measurement(toxicity_module, toxicity_model, self.device,
+                                                     cache_dir=self._cache.name, batch_size=8)
         self.lock = threading.Lock()
 
     def new_tokens_limit(self):
         """The page's 'max new tokens' maximum: --max-new-tokens-limit, leaving each model one prompt position."""
-        return min([self.args.max_new_tokens_limit] + [c - 1 for c in self.contexts.values() if c])
+        return min([self.max_new_tokens_limit] + [c - 1 for c in self.contexts.values() if c])
 
     def prompt_problem(self, prompt, max_new_tokens):
         """Why the prompt cannot be answered (a message for the page), or None."""
         if not prompt or not prompt.strip():
             return "Please type a prompt (it is empty)."
-        if len(prompt) > self.args.max_prompt_chars:
-            return (f"The prompt is too long: {len(prompt)} characters, the limit is {self.args.max_prompt_chars}. "
+        if len(prompt) > self.max_prompt_chars:
+            return (f"The prompt is too long: {len(prompt)} characters, the limit is {self.max_prompt_chars}. "
                     "Shorten it.")
         for name, (model, tokenizer) in self.models.items():
-            limit = self.args.max_prompt_tokens
+            limit = self.max_prompt_tokens
             if self.contexts.get(name):
                 limit = min(limit, self.contexts[name] - max_new_tokens)
             n = len(tokenizer(prompt).input_ids)
@@ -180,12 +223,12 @@ class Comparer:
         """One sampled continuation of prompt (new text only) and its toxicity score."""
         model, tokenizer = self.models[name]
         with self.lock:
-            ids = ev.prompt_ids(tokenizer, [prompt], self.args.max_prompt_tokens)
+            ids = ev.prompt_ids(tokenizer, [prompt], self.max_prompt_tokens)
             torch.manual_seed(seed)  # the same seed for both models, as evaluate_toxicity.py does
             new_ids = ev.generate(model, tokenizer, ids, 1, max_new_tokens, batch_size=1,
                                   desc=os.path.basename(name.rstrip("/")) or name, temperature=temperature, top_p=top_p)
             text = tokenizer.decode(new_ids[0][0], skip_special_tokens=True)
-            score = self.toxicity.compute(predictions=[text], toxic_label=self.args.toxic_label)["toxicity"][0]
+            score = self.toxicity.compute(predictions=[text], toxic_label=self.toxic_label)["toxicity"][0]
         return text, float(score)
 
 
@@ -272,8 +315,8 @@ def build_app(comparer, examples, args):
         detox_text, detox_score = comparer.answer(args.detoxified, prompt, max_new_tokens, temperature, top_p, seed)
         empty_note = "".join(f" The {what} model's answer is empty (it ended at once)." for what, text in
                              (("original", base_text), ("detoxified", detox_text)) if not text.strip())
-        yield [status_html(f"Done in {time.time() - started:.1f} s (run {next(runs)}: seed {seed}, temperature {temperature:g}, "
-                           f"top-p {top_p:g}, {max_new_tokens} new tokens).{empty_note}"),
+        yield [status_html(f"Done in {time.time() - started:.1f} s (run {next(runs)}: seed {seed}, "
+                           f"temperature {temperature:g}, top-p {top_p:g}, {max_new_tokens} new tokens).{empty_note}"),
                base_text, base_score, detox_text, detox_score, verdict_html(base_score, detox_score),
                word_diff(base_text, detox_text)]
 
@@ -351,16 +394,42 @@ def build_app(comparer, examples, args):
 def main(argv=None):
     (args,) = HfArgumentParser(Args).parse_args_into_dataclasses(args=argv)
     contexts, examples = check_args(args)
+    check_address(args.host, args.port)
     import gradio as gr  # after the checks: a bad argument fails fast
 
-    comparer = Comparer(args, contexts)
+    comparer = Comparer([args.base, args.detoxified], contexts, toxicity_module=args.toxicity_module,
+                        toxicity_model=args.toxicity_model, toxic_label=args.toxic_label,
+                        max_prompt_chars=args.max_prompt_chars, max_prompt_tokens=args.max_prompt_tokens,
+                        max_new_tokens_limit=args.max_new_tokens_limit, device=args.device, dtype=args.dtype)
     demo = build_app(comparer, examples, args)
     if args.share:
         print("--share: the app gets a public gradio.live link; anyone with it can use your models")
-    demo.queue(max_size=32).launch(
-        server_name=args.host, server_port=args.port or None, share=args.share, theme=gr.themes.Default(), css=CSS,
-        allowed_paths=[os.path.abspath(args.results)] if args.results else None, ssr_mode=False, pwa=False,
-        mcp_server=False, show_error=True)
+    try:  # quiet: gradio's own lines speak of launch(share=True); the app's below speak of its options
+        demo.queue(max_size=32).launch(
+            server_name=args.host, server_port=args.port or None, share=args.share, theme=gr.themes.Default(), css=CSS,
+            allowed_paths=[os.path.abspath(args.results)] if args.results else None, ssr_mode=False, pwa=False,
+            mcp_server=False, show_error=True, quiet=True, prevent_thread_lock=True)
+    except (OSError, ValueError) as e:
+        demo.close()
+        fail(launch_problem(e, args))
+    print(f"* Running on local URL:  {demo.local_url.rstrip('/')}")
+    if not args.share:
+        print("* To create a public link, restart with --share")
+    demo.block_thread()
+
+
+def launch_problem(error, args):
+    """gradio's launch() errors, said in the app's terms (its options, not launch()'s parameters)."""
+    text = str(error)
+    if "Cannot find empty port" in text:  # taken between check_address and launch
+        if args.port:
+            return f"--port {args.port} on {args.host} is in use; pick another --port (or 0 for the first free one)"
+        ports = first_ports()
+        return f"no free port on {args.host} among {ports[0]}-{ports[-1]} (--port 0 tries those); pick one with --port"
+    if "share=True" in text:  # the page cannot reach the server it just started
+        return (f"the app cannot reach itself at http://{args.host}:{args.port or 'PORT'}/ (an HTTP proxy? add "
+                "127.0.0.1,localhost to NO_PROXY); fix that, or pass --share for a public link")
+    return f"could not start the app on {args.host} ({type(error).__name__}: {text.splitlines()[0] if text else ''})"
 
 
 if __name__ == "__main__":

@@ -1,13 +1,19 @@
 """Code both scripts need: loading datasets and classifiers by hub id or local path, with one-line errors."""
 
+import functools
 import os
+import socket
+import threading
+import urllib.parse
+import urllib.request
 
 import torch
 
 DATA_FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 # Markers around the evaluation table in a checkpoint's README.md model card (written by detoxify_ppo.py,
 # filled by evaluate_toxicity.py --update-model-card).
-CARD_RESULTS_START, CARD_RESULTS_END = "<!-- evaluate_toxicity.py results -->", "<!-- end of evaluate_toxicity.py results -->"
+CARD_RESULTS_START = "<!-- evaluate_toxicity.py results -->"
+CARD_RESULTS_END = "<!-- end of evaluate_toxicity.py results -->"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -16,10 +22,126 @@ def fail(message):
     raise SystemExit(f"error: {message}")
 
 
+HUB_TIMEOUT = 3.0  # seconds to wait for a TCP connection to the hub before calling it unreachable
+# the way out when nothing can be fetched: the offline demo of README "Run"
+OFFLINE_DEMO = ('run the offline demo of README "Run" (python scripts/make_tiny_models.py tiny builds tiny/policy and '
+                'tiny/classifier, local stand-ins for the models)')
+
+
+def env_true(name):
+    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def hub_offline(dataset=False):
+    """Whether HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE; HF_DATASETS_OFFLINE too for a dataset) keeps the hub off."""
+    from huggingface_hub import constants
+
+    return constants.is_offline_mode() or (dataset and env_true("HF_DATASETS_OFFLINE"))
+
+
+def in_hub_cache(name, repo_type="model"):
+    """Whether the local Hugging Face cache holds a download of hub id `name` (a model or a dataset)."""
+    from huggingface_hub import constants
+
+    folder = os.path.join(constants.HF_HUB_CACHE, f"{repo_type}s--{name.replace('/', '--')}", "snapshots")
+    if os.path.isdir(folder) and os.listdir(folder):
+        return True
+    if repo_type == "dataset":  # datasets also keeps prepared copies in its own cache
+        cache = os.environ.get("HF_DATASETS_CACHE") or os.path.join(constants.HF_HOME, "datasets")
+        return os.path.isdir(os.path.join(cache, name.replace("/", "___")))
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def hub_unreachable(endpoint):
+    """None when a TCP connection to the endpoint's host (or to the proxy the environment names for it) opens within
+    HUB_TIMEOUT seconds, else why not (a short text). Asked once per process and endpoint."""
+    parts = urllib.parse.urlsplit(endpoint)
+    host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if proxy and not urllib.request.proxy_bypass(host):  # through a proxy: the proxy is what must answer
+        proxy_parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = proxy_parts.hostname, proxy_parts.port or 80
+    result = []
+
+    def connect():  # in a thread: name resolution has no timeout of its own
+        try:
+            socket.create_connection((host, port), timeout=HUB_TIMEOUT).close()
+            result.append(None)
+        except (OSError, UnicodeError) as e:
+            result.append(f"{host}:{port}: {getattr(e, 'strerror', None) or e or type(e).__name__}")
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(HUB_TIMEOUT + 1)
+    return result[0] if result else f"{host}:{port}: no answer in {HUB_TIMEOUT:g} s"
+
+
+def check_hub_reachable(name, what, repo_type="model"):
+    """Stop at once, naming the ways out, when hub id `name` would be fetched from a hub that cannot be reached
+    (instead of the libraries' retries, about 30 s, and a vague error). Nothing to check when offline mode is on."""
+    from huggingface_hub import constants
+
+    if hub_offline(dataset=repo_type == "dataset"):
+        return
+    reason = hub_unreachable(constants.ENDPOINT)
+    if reason is None:
+        return
+    cached = ""
+    if repo_type is not None:
+        cached = f" ({name} is {'' if in_hub_cache(name, repo_type) else 'not '}in it)"
+    fail(f"cannot reach the Hugging Face Hub ({constants.ENDPOINT}, {reason}) to fetch {what} {name}; "
+         f"set HF_HUB_OFFLINE=1 to use only the local cache{cached} or pass a local "
+         f"{'file or folder' if repo_type != 'model' else 'folder'}, or {OFFLINE_DEMO}")
+
+
+def not_in_cache(name, what, repo_type="model"):
+    """The error for a hub id that offline mode cannot fetch and the local cache lacks."""
+    local = "file or folder" if repo_type == "dataset" else "folder"
+    fail(f"could not load {what} {name}: it is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 keeps the hub "
+         f"off; unset HF_HUB_OFFLINE to download it, pass a local {local}, or {OFFLINE_DEMO}")
+
+
+def looks_like_path(name, dataset=False):
+    """Whether `name` can only be a local path: it starts with . / ~, has several /, a backslash, a data-file extension
+    (datasets), or is owner/name where the folder `owner` exists here. One "owner/name" is otherwise a hub id."""
+    if name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1:
+        return True
+    if dataset and os.path.splitext(name)[1].lower() in DATA_FILE_TYPES:
+        return True
+    return name.count("/") == 1 and os.path.isdir(name.split("/")[0])
+
+
+def resolve_name(name, what, dataset=False):
+    """"local" or "hub" for a model (a folder) or dataset (a file or folder) name, stopping at once with a one-line
+    error for a local path that does not exist, a file given for a folder, a name that is neither, or a hub id that
+    cannot be fetched (hub unreachable)."""
+    kind = "file or folder" if dataset else "folder"
+    if os.path.isfile(name) and not dataset:
+        fail(f"{what} {name} is a file; give the folder that holds its config.json and weights")
+    if os.path.exists(name):
+        return "local"
+    if looks_like_path(name, dataset):
+        hint = ""
+        if name.startswith("~") and os.path.exists(os.path.expanduser(name)):
+            hint = f" (~ is not expanded here: write {os.path.expanduser(name)})"
+        fail(f"{what} {name} not found: no such {kind}{hint}")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        fail(f"{what} {name} not found: no such {kind}, and it is not a hub id (owner/name)")
+    check_hub_reachable(name, what, "dataset" if dataset else "model")
+    return "hub"
+
+
 def load_rows(name, split="train", **hub_kwargs):
     """A `datasets.Dataset` from a hub id, a local .jsonl/.json/.parquet/.csv file, or a folder of them."""
     import datasets
 
+    resolve_name(name, "dataset", dataset=True)
     if os.path.isfile(name):
         ext = os.path.splitext(name)[1].lower()
         if ext not in DATA_FILE_TYPES:
@@ -33,11 +155,11 @@ def load_rows(name, split="train", **hub_kwargs):
         split_files = [f for f in files if os.path.splitext(f)[0] == split]
         chosen = split_files or files  # a folder of train.csv/test.csv picks the split, else takes them all
         return datasets.load_dataset(types.pop(), data_files=[os.path.join(name, f) for f in chosen], split="train")
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        fail(f"dataset {name} not found: give an existing file or folder, or a hub id such as owner/name")
     try:
         return datasets.load_dataset(name, split=split, **hub_kwargs)
     except Exception as e:  # datasets raises many types for "not found" / "offline"
+        if hub_offline(dataset=True) and not in_hub_cache(name, "dataset"):
+            not_in_cache(name, "dataset", "dataset")
         fail(f"could not load dataset {name} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
              "check the hub id and your connection, or pass a local .jsonl/.csv/.parquet file")
 
@@ -46,17 +168,18 @@ def load_config(name, what="model", trust_remote_code=False):
     """The model's config, fetched before any weights so a wrong name fails fast and cheaply."""
     from transformers import AutoConfig
 
-    if name.startswith((".", "/", "~")) and not os.path.isdir(name):
-        fail(f"{what} {name} not found: no such folder")
+    local = resolve_name(name, what) == "local"
     try:
         return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
+        if not local and hub_offline() and not in_hub_cache(name):
+            not_in_cache(name, what)
         fail(f"could not load {what} {name} ({str(e).splitlines()[0]}); check the hub id or the local path")
 
 
 def label_index(config, label, what="classifier"):
     """Index of `label` in the classifier's id2label; a clear error naming the labels it has."""
-    id2label = {int(i): str(l) for i, l in (config.id2label or {}).items()}
+    id2label = {int(i): str(name) for i, name in (config.id2label or {}).items()}
     for i, name in id2label.items():
         if name == label:
             return i
@@ -72,10 +195,11 @@ def resolve_dtype(name, device):
     return DTYPES[name]
 
 
-def load_classifier(name, device, dtype=None):
+def load_classifier(name, device, dtype=None, what="classifier"):
     """(tokenizer, model) of a sequence classifier in eval mode on `device`; half precision on GPU by default."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    resolve_name(name, what)
     if dtype is None:
         dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(name)

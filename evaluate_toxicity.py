@@ -1,9 +1,10 @@
 """Evaluate how toxic, how varied and how fluent the text of causal LMs is, prompted with toxic comments.
 
-Reproduces the study's table (mean and std toxicity of 30 new tokens on 400 toxic wiki_toxic test
-prompts, scored by facebook/roberta-hate-speech-dynabench-r4-target) and adds what it lacked: a second,
-independent toxicity scorer, the RealToxicityPrompts metrics (expected maximum toxicity, toxicity
-probability), distinct-n diversity and perplexity under a separate fluency model.
+Measures what the study's table reports (mean and std toxicity of 30 new tokens on 400 toxic wiki_toxic test
+prompts), by default scored by facebook/roberta-hate-speech-dynabench-r4-target, the study's training reward
+(the study's own evaluation used another scorer: docs/EVALUATION.md lists where it and we differ), and adds
+what it lacked: a second, independent toxicity scorer, the RealToxicityPrompts metrics (expected maximum
+toxicity, toxicity probability), distinct-n diversity and perplexity under a separate fluency model.
 
     python evaluate_toxicity.py                                     # the study's two gpt-neo-125M models
     python evaluate_toxicity.py --models EleutherAI/gpt-neo-125M out/gpt-neo-125m/final \\
@@ -28,8 +29,19 @@ import numpy as np
 import torch
 from transformers import HfArgumentParser
 
-from detox_common import (CARD_RESULTS_END, CARD_RESULTS_START, classifier_logits, fail, label_index, load_classifier,
-                          load_config, load_rows, resolve_dtype)
+from detox_common import (
+    CARD_RESULTS_END,
+    CARD_RESULTS_START,
+    check_hub_reachable,
+    classifier_logits,
+    fail,
+    label_index,
+    load_classifier,
+    load_config,
+    load_rows,
+    resolve_dtype,
+    resolve_name,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WIKI_TOXIC = "OxAISH-AL-LLM/wiki_toxic"
@@ -71,8 +83,10 @@ class Args:
     fluency_model: Optional[str] = field(default=None, metadata={
         "help": "causal LM (e.g. gpt2-large) for the perplexity of generations given their prompts; off if unset"})
     output_dir: str = field(default="results", metadata={"help": "folder for the CSV, Markdown, JSONL and PNG outputs"})
-    update_model_card: bool = field(default=False, metadata={"help": "write the results table into the README.md model card of each local checkpoint evaluated"})
-    resume: bool = field(default=False, metadata={"help": "skip models already in the output folder's CSV (else they are measured again)"})
+    update_model_card: bool = field(default=False, metadata={
+        "help": "write the results table into the README.md model card of each local checkpoint evaluated"})
+    resume: bool = field(default=False, metadata={
+        "help": "skip models already in the output folder's CSV (else they are measured again)"})
 
 
 # ---------------------------------------------------------------- metrics (pure functions, unit-tested)
@@ -149,25 +163,29 @@ def choose_prompts(rows, num_samples, seed, threshold=0.5, rtp_prompts="toxic"):
     return [(str(ids[i]), texts[i]) for i in chosen]
 
 
-def load_prompt_rows(args):
-    """The dataset's rows: local file/folder, hf:// file, or hub id (wiki_toxic through its parquet copy)."""
-    split = args.split if args.split != "auto" else ("train" if args.dataset == RTP else "test")
-    revision = args.dataset_revision
+def load_prompt_rows(dataset, split="auto", revision="auto"):
+    """The dataset's rows: local file/folder, hf:// file, or hub id (wiki_toxic through its parquet copy).
+
+    split "auto": train for real-toxicity-prompts, else test; revision "auto": refs/convert/parquet for wiki_toxic,
+    else the default branch (None too)."""
+    if split == "auto":
+        split = "train" if dataset == RTP else "test"
     if revision == "auto":
-        revision = "refs/convert/parquet" if args.dataset == WIKI_TOXIC else None
-    if args.dataset.startswith("hf://"):  # e.g. hf://datasets/OxAISH-AL-LLM/wiki_toxic/test.csv
+        revision = "refs/convert/parquet" if dataset == WIKI_TOXIC else None
+    if dataset.startswith("hf://"):  # e.g. hf://datasets/OxAISH-AL-LLM/wiki_toxic/test.csv
         import datasets
 
         kind = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(
-            os.path.splitext(args.dataset)[1].lower())
+            os.path.splitext(dataset)[1].lower())
         if kind is None:
-            fail(f"dataset {args.dataset} must end in .csv, .jsonl or .parquet")
+            fail(f"dataset {dataset} must end in .csv, .jsonl or .parquet")
+        check_hub_reachable(dataset, "dataset", None)
         try:
-            return datasets.load_dataset(kind, data_files=args.dataset, split="train")
+            return datasets.load_dataset(kind, data_files=dataset, split="train")
         except Exception as e:
             first_line = str(e).splitlines()[0] if str(e) else ""
-            fail(f"could not load dataset {args.dataset} ({type(e).__name__}: {first_line})")
-    return load_rows(args.dataset, split=split, **({"revision": revision} if revision else {}))
+            fail(f"could not load dataset {dataset} ({type(e).__name__}: {first_line})")
+    return load_rows(dataset, split=split, **({"revision": revision} if revision else {}))
 
 
 # ---------------------------------------------------------------- generation
@@ -216,6 +234,7 @@ def generate(model, tokenizer, ids, k, max_new_tokens, batch_size, desc="", **ge
 def load_causal_lm(name, device, dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    resolve_name(name, "model")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device).eval()
@@ -238,26 +257,27 @@ def free_memory():
 
 # ---------------------------------------------------------------- scoring
 
-def load_toxicity_measurement(args, device):
-    """The `evaluate` toxicity measurement with our classifier, device and batch size.
+def load_toxicity_measurement(module, classifier, device, cache_dir, batch_size=64):
+    """The `evaluate` toxicity measurement `module` (a folder or a Hub id) scoring with `classifier` (a folder or a
+    Hub id) on `device`, `batch_size` texts at a time, caching under `cache_dir`.
 
     evaluate uses config_name as a cache sub-folder: a local path there would make it write into that folder
     (os.path.join drops everything before an absolute path), so a local classifier gets a sanitized
-    config_name and reaches our module via `model=`; the cache goes under the output dir."""
+    config_name and reaches our module via `model=`."""
     import evaluate
 
-    local_model = os.path.exists(args.toxicity_model) or args.toxicity_model.startswith((".", "/", "~"))
-    local_module = os.path.exists(args.toxicity_module)  # ours takes model=; the Hub's only reads config_name
-    config_name = args.toxicity_model
+    local_model = os.path.exists(classifier) or classifier.startswith((".", "/", "~"))
+    local_module = os.path.exists(module)  # ours takes model=; the Hub's only reads config_name
+    config_name = classifier
     if local_model and local_module:
-        config_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", args.toxicity_model).strip("._") or "local"
+        config_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", classifier).strip("._") or "local"
     dtype = torch.float16 if torch.device(device).type == "cuda" else None
     try:
-        return evaluate.load(args.toxicity_module, config_name, module_type="measurement", keep_in_memory=True,
-                             cache_dir=os.path.join(args.output_dir, ".evaluate_cache"), model=args.toxicity_model,
-                             device=torch.device(device), batch_size=args.score_batch_size, dtype=dtype)
+        return evaluate.load(module, config_name, module_type="measurement", keep_in_memory=True,
+                             cache_dir=cache_dir, model=classifier, device=torch.device(device),
+                             batch_size=batch_size, dtype=dtype)
     except (FileNotFoundError, OSError, ValueError, ImportError) as e:
-        fail(f"could not load toxicity measurement {args.toxicity_module} with {args.toxicity_model} "
+        fail(f"could not load toxicity measurement {module} with {classifier} "
              f"({str(e).splitlines()[0] if str(e) else type(e).__name__})")
 
 
@@ -329,15 +349,16 @@ def same_setting(recorded, value):
         return recorded is not None and str(recorded) == str(value)
 
 
-def check_previous(rows, args):
-    """Refuse earlier rows measured with other settings: in one table with new rows they would not compare."""
+def check_previous(rows, settings, csv_path):
+    """Refuse earlier rows (read from csv_path) measured with other settings ({SETTINGS column: value now}):
+    in one table with new rows they would not compare."""
     for row in rows:
         for column, option in SETTINGS.items():
-            if not same_setting(row.get(column), getattr(args, option)):
+            if not same_setting(row.get(column), settings[column]):
                 was = f"{row[column]}" if column in row else "no record of it (an older evaluate_toxicity.py)"
-                fail(f"{os.path.join(args.output_dir, 'toxicity.csv')} holds {row['model']} measured with other "
-                     f"settings (--{option.replace('_', '-')}: {was}, now {getattr(args, option)}); use another "
-                     "--output-dir, or move the earlier files away")
+                fail(f"{csv_path} holds {row['model']} measured with other settings "
+                     f"(--{option.replace('_', '-')}: {was}, now {settings[column]}); use another --output-dir, "
+                     "or move the earlier files away")
 
 
 def read_previous(output_dir):
@@ -353,20 +374,21 @@ def read_previous(output_dir):
                 for row in table.to_dict("records")]
         records = [json.loads(line) for line in open(jsonl_path)] if os.path.exists(jsonl_path) else []
     except Exception as e:
-        fail(f"cannot read the earlier results in {output_dir} ({type(e).__name__}); move them away or pick another --output-dir")
+        fail(f"cannot read the earlier results in {output_dir} ({type(e).__name__}); move them away or pick "
+             "another --output-dir")
     if rows and "model" not in rows[0]:
         fail(f"{csv_path} has no 'model' column; move it away or pick another --output-dir")
     return rows, records
 
 
-def update_model_cards(rows, args):
+def update_model_cards(rows, dataset, max_new_tokens, toxicity_model):
     """Put the results table (every model of this evaluation, for comparison) into each local model card."""
     table = markdown_table([{k: r.get(k) for k in ("model", "n", "mean_toxicity", "std_toxicity",
                                                      "expected_max_toxicity", "toxicity_probability", "distinct_1",
                                                      "distinct_2", "empty_generations", "perplexity") if k in r}
                             for r in rows])
-    text = (f"{CARD_RESULTS_START}\n`evaluate_toxicity.py` on {args.dataset}, {rows[0]['n_prompts']} prompts x "
-            f"{rows[0]['k']} samples, {args.max_new_tokens} new tokens, scored by {args.toxicity_model}:\n\n"
+    text = (f"{CARD_RESULTS_START}\n`evaluate_toxicity.py` on {dataset}, {rows[0]['n_prompts']} prompts x "
+            f"{rows[0]['k']} samples, {max_new_tokens} new tokens, scored by {toxicity_model}:\n\n"
             f"{table}{CARD_RESULTS_END}")
     for row in rows:
         card = os.path.join(row["model"], "README.md")
@@ -374,7 +396,8 @@ def update_model_cards(rows, args):
             continue
         content = open(card).read()
         if CARD_RESULTS_START in content and CARD_RESULTS_END in content:
-            content = content[:content.index(CARD_RESULTS_START)] + text + content[content.index(CARD_RESULTS_END) + len(CARD_RESULTS_END):]
+            start, end = content.index(CARD_RESULTS_START), content.index(CARD_RESULTS_END) + len(CARD_RESULTS_END)
+            content = content[:start] + text + content[end:]
         else:
             content = content.rstrip("\n") + "\n\n## Evaluation\n\n" + text + "\n"
         write_atomic(card, content)
@@ -474,9 +497,17 @@ def check_args(args, device):
                                   args.extra_toxic_label, f"extra toxicity model {args.extra_toxicity_model}")
     else:
         extra_label = None
-    if not os.path.exists(args.toxicity_module) and args.toxicity_module.startswith((".", "/", "~")):
-        fail(f"toxicity module {args.toxicity_module} not found: no such folder or file")
+    check_toxicity_module(args.toxicity_module)
     return limits, extra_label
+
+
+def check_toxicity_module(module):
+    """A missing local --toxicity-module, or a hub one (e.g. 'toxicity') with the hub out of reach, stops here."""
+    if os.path.exists(module):
+        return
+    if module.startswith((".", "/", "~")) or module.count("/") > 1:
+        fail(f"toxicity module {module} not found: no such folder or file")
+    check_hub_reachable(module, "toxicity module", None)  # an `evaluate` module of the hub
 
 
 def main(argv=None):
@@ -484,13 +515,16 @@ def main(argv=None):
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(args.dtype, device)
     limits, extra_label = check_args(args, device)
-    prompts = choose_prompts(load_prompt_rows(args), args.num_samples, args.seed, args.threshold, args.rtp_prompts)
+    rows_in = load_prompt_rows(args.dataset, args.split, args.dataset_revision)
+    prompts = choose_prompts(rows_in, args.num_samples, args.seed, args.threshold, args.rtp_prompts)
+    settings = {column: getattr(args, option) for column, option in SETTINGS.items()}
     rows, records = read_previous(args.output_dir)  # before any scorer loads: a mismatch fails fast
-    check_previous(rows, args)
+    check_previous(rows, settings, os.path.join(args.output_dir, "toxicity.csv"))
     os.makedirs(args.output_dir, exist_ok=True)
 
     # scorers stay loaded for the whole run (the models under test come and go one at a time)
-    toxicity = load_toxicity_measurement(args, device)
+    toxicity = load_toxicity_measurement(args.toxicity_module, args.toxicity_model, device,
+                                         os.path.join(args.output_dir, ".evaluate_cache"), args.score_batch_size)
     extra = load_classifier(args.extra_toxicity_model, device) if args.extra_toxicity_model else None
     fluency = load_causal_lm(args.fluency_model, device, dtype) if args.fluency_model else None
 
@@ -498,7 +532,8 @@ def main(argv=None):
     done = {r["model"] for r in rows}
     todo = [m for m in args.models if not (args.resume and m in done)]
     if len(todo) < len(args.models):
-        print(f"--resume: skipping {', '.join(m for m in args.models if m not in todo)} (already in {args.output_dir}/toxicity.csv)")
+        skipped = ", ".join(m for m in args.models if m not in todo)
+        print(f"--resume: skipping {skipped} (already in {args.output_dir}/toxicity.csv)")
     rows = [r for r in rows if r["model"] not in todo]  # a model measured again replaces its old row
     records = [r for r in records if r["model"] not in todo]
     for name in todo:
@@ -545,7 +580,7 @@ def main(argv=None):
             row |= {"fluency_model": args.fluency_model,  # over non-empty generations
                     "perplexity": float(np.mean(finite)) if finite else float("nan")}
         row |= {"generate_seconds": round(gen_seconds, 2), "total_seconds": round(time.time() - started, 2)}
-        row |= {column: getattr(args, option) for column, option in SETTINGS.items() if column not in row}
+        row |= {column: value for column, value in settings.items() if column not in row}
         rows.append(row)
         for j, (text, gen) in enumerate(zip(flat_prompts, flat)):
             records.append({"model": name, "prompt_index": j // k, "id": prompts[j // k][0], "sample": j % k,
@@ -554,7 +589,7 @@ def main(argv=None):
         write_tables(rows, records, args.output_dir)  # after every model: a later crash keeps these rows
         plot(rows, args.output_dir)
     if args.update_model_card:
-        update_model_cards(rows, args)
+        update_model_cards(rows, args.dataset, args.max_new_tokens, args.toxicity_model)
     print(markdown_table(rows), end="")
     print(f"wrote {args.output_dir}/toxicity.csv, toxicity.md, generations.jsonl, toxicity.png")
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The whole GPU benchmark in one go, under 7 minutes on one H100 80GB with no network. Most important first;
+# The whole GPU benchmark in one go, within TOTAL_SECONDS on one GPU with no network. Most important first;
 # every result is appended to the JSON the moment it is measured, and each stage has its own time guard
 # (bench_ppo.py's --deadline stops starting steps, `timeout` kills a stage that still overruns).
 #
-# Prepare here:   bash benchmarks/make_wheels.sh            (.whl/, ~19 MiB; the GPU machine has no trl etc.)
+# Prepare here:   bash benchmarks/make_wheels.sh            (.whl/; the GPU machine has no trl etc.)
 # Dry run here:   DRY_RUN=1 OUT=/tmp/gpu_dry bash benchmarks/gpu_check.sh   (same stages, tiny model, seconds)
 # On the GPU:     OUT=<folder> bash benchmarks/gpu_check.sh   -> $OUT/gpu_bench.json, $OUT/gpu_check.log
 # Then:           python benchmarks/render.py $OUT/gpu_bench.json   (Markdown tables for BENCHMARKS.md)
@@ -21,7 +21,7 @@ cd "$(dirname "$0")/.."
 
 DRY_RUN="${DRY_RUN:-0}"
 OUT="${OUT:-results/gpu_check}"
-TOTAL="${TOTAL_SECONDS:-400}"   # everything after the install; the install itself takes ~15 s
+TOTAL="${TOTAL_SECONDS:-400}"   # everything after the install of the wheels
 JSON="$OUT/gpu_bench.json"
 LOG="$OUT/gpu_check.log"
 if [ "${PLAN_ONLY:-0}" != 1 ]; then
@@ -97,22 +97,22 @@ left() { echo $(( TOTAL - ($(date +%s) - START) )); }
 }
 
 # 1. the headline: ours vs the study's loop at gpt-neo-125M size, plus evaluation throughput
-stage "1 $CFG_SMALL ours/ours-plain/study + eval" 95 --config "$CFG_SMALL" --baseline --plain --eval \
-  --warmup 1 --steps 4 --config-budget 45 "${STEPS[@]}"
+stage "1 $CFG_SMALL ours/ours-plain/study + eval" 95 --size "$CFG_SMALL" --baseline --plain --eval \
+  --warmup 1 --steps 4 --variant-budget 45 "${STEPS[@]}"
 
-# 2. GPT-J-6B: default config (20 of 28 blocks shared, gc off) with ours and ours-plain, then the ladder
-stage "2 $CFG_BIG default + memory ladder" 240 --config "$CFG_BIG" --warmup 1 --steps 3 --config-budget 45 "${STEPS[@]}" \
+# 2. GPT-J-6B: default settings (20 of 28 blocks shared, gc off) with ours and ours-plain, then the ladder
+stage "2 $CFG_BIG default + memory ladder" 240 --size "$CFG_BIG" --warmup 1 --steps 3 --variant-budget 45 "${STEPS[@]}" \
   --variant-warmup 1 --variant-steps 1 --variant "plain=1,steps=${PLAIN_STEPS:-3}" \
   --variant ref=trl --variant shared=0 --variant "shared=${LADDER[0]}" --variant "shared=${LADDER[1]}" \
   --variant gc=1 --variant shared=0,gc=1 --variant "shared=${LADDER[0]},gc=1" --variant "shared=${LADDER[1]},gc=1" \
   --variant cache=1
 
 # 3. gpt-neo-2.7B size
-stage "3 $CFG_MID ours + PPO-phase ablation" 60 --config "$CFG_MID" --warmup 1 --steps 2 "${STEPS[@]}" \
+stage "3 $CFG_MID ours + PPO-phase ablation" 60 --size "$CFG_MID" --warmup 1 --steps 2 "${STEPS[@]}" \
   --optimize-ablation 2
 
 # 4. GPT-J-6B with the study's loop, one measured step, if time is left
-stage "4 $CFG_BIG study loop" 70 --config "$CFG_BIG" --baseline --warmup 1 --steps 1
+stage "4 $CFG_BIG study loop" 70 --size "$CFG_BIG" --baseline --warmup 1 --steps 1
 
 [ "${PLAN_ONLY:-0}" = 1 ] && exit 0
 echo "gpu_check: done in $(( $(date +%s) - START )) s after the install; $JSON"

@@ -2,17 +2,16 @@ import os
 import subprocess
 import sys
 
-import pytest
-import torch
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub; set before any Hugging Face import
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import make_tiny_models  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import make_tiny_models  # noqa: E402  (scripts/ is on pytest's pythonpath, see pyproject.toml)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True)

@@ -7,6 +7,7 @@ import os
 import shutil
 
 import pytest
+
 from conftest import ROOT, run_cli
 
 SAMPLE_RTP = os.path.join(ROOT, "data", "real_toxicity_prompts_sample.jsonl")
@@ -77,12 +78,13 @@ TRAIN_CASES = {
     "dataset of unknown type": (lambda w: ["--dataset", shutil.copy(SAMPLE_RTP, f"{w}/rows.txt")], "is not one of"),
     "rows without prompt.text": (lambda w: ["--dataset", rows_file(w, "a.jsonl", lambda r: r["prompt"].pop("text"))],
                                  "prompt.text"),
-    "rows without prompt.toxicity": (lambda w: ["--dataset", rows_file(w, "b.jsonl", lambda r: r["prompt"].pop("toxicity"))],
-                                     "prompt.toxicity"),
+    "rows without prompt.toxicity": (
+        lambda w: ["--dataset", rows_file(w, "b.jsonl", lambda r: r["prompt"].pop("toxicity"))], "prompt.toxicity"),
     "rows without continuation": (lambda w: ["--dataset", rows_file(w, "c.jsonl", lambda r: r.pop("continuation"))],
                                   "'continuation'"),
     "too few kept rows": (lambda w: ["--toxicity-threshold", "0.99"], "one batch needs 16"),
-    "batch not divisible": (lambda w: ["--batch-size", "10", "--mini-batch-size", "4"], "multiple of --mini-batch-size"),
+    "batch not divisible": (lambda w: ["--batch-size", "10", "--mini-batch-size", "4"],
+                            "multiple of --mini-batch-size"),
     "zero batch size": (lambda w: ["--batch-size", "0"], "--batch-size"),
     "shared layers >= blocks": (lambda w: ["--num-shared-layers", "4"], "below the model's block count (4)"),
     "negative shared layers": (lambda w: ["--num-shared-layers", "-1"], "--num-shared-layers must be >= 0"),
@@ -145,7 +147,8 @@ def previous_results(tmp_path_factory):
 
 EVAL_CASES = {
     "missing model": (lambda w, p, c: ["--models", p, f"{w}/no-such-model"], "not found: no such folder"),
-    "unknown hub model": (lambda w, p, c: ["--models", "nobody-x/no-such-model"], "could not load model nobody-x/no-such-model"),
+    "unknown hub model": (lambda w, p, c: ["--models", "nobody-x/no-such-model"],
+                          "could not load model nobody-x/no-such-model"),
     "missing dataset": (lambda w, p, c: ["--dataset", f"{w}/no-such.csv"], "dataset"),
     "no comment_text": (lambda w, p, c: ["--dataset", text_file(w, "t.csv", "id,text,label\n1,a b,1\n")],
                         "need comment_text and label"),
@@ -155,8 +158,10 @@ EVAL_CASES = {
     "num samples 0": (lambda w, p, c: ["--num-samples", "0"], "--num-samples must be at least 1"),
     "context too short": (lambda w, p, c: ["--max-new-tokens", "128"], "too few for --max-new-tokens 128"),
     "missing toxicity module": (lambda w, p, c: ["--toxicity-module", f"{w}/no-module"], "toxicity module"),
-    "classifier as a model": (lambda w, p, c: ["--models", c], "is a RobertaForSequenceClassification, not a causal LM"),
-    "earlier rows of unknown settings": (lambda w, p, c: [], "measured with other settings (--dataset: no record of it"),
+    "classifier as a model": (lambda w, p, c: ["--models", c],
+                              "is a RobertaForSequenceClassification, not a causal LM"),
+    "earlier rows of unknown settings": (lambda w, p, c: [],
+                                         "measured with other settings (--dataset: no record of it"),
 }
 
 

@@ -23,10 +23,11 @@ from urllib.parse import urlparse
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import ROOT, run_cli
-
-from detox_common import classifier_logits, load_classifier
+if __name__ == "__main__":  # the README's screenshot command runs this file as a script: pytest's pythonpath
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path[:0] = [_root, os.path.join(_root, "scripts")]
+from conftest import ROOT, run_cli  # noqa: E402
+from detox_common import classifier_logits, load_classifier  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
@@ -226,8 +227,8 @@ def test_browser_compare(tmp_path, tiny_policy, detox_policy, tiny_classifier, r
     assert "gradio.live" not in log
 
 
-def test_scores_match_evaluate_toxicity(tiny_policy, tiny_classifier):
-    """The app's score is the classifier's probability of the toxic label; sampling settings reach generation."""
+def test_cli_checks_accept_good_input(tiny_policy, tiny_classifier):
+    """Good arguments pass check_args, which returns each model's context and the example prompts."""
     from transformers import HfArgumentParser
 
     import compare_app
@@ -235,8 +236,33 @@ def test_scores_match_evaluate_toxicity(tiny_policy, tiny_classifier):
     (args,) = HfArgumentParser(compare_app.Args).parse_args_into_dataclasses(
         args=["--base", tiny_policy, "--detoxified", tiny_policy, "--toxicity-model", tiny_classifier])
     contexts, examples = compare_app.check_args(args)
-    assert examples and all(e.strip() for e in examples)
-    comparer = compare_app.Comparer(args, contexts)
+    assert contexts == {tiny_policy: 128}
+    assert examples == compare_app.read_examples(SAMPLE_WIKI, 8, 2000)  # the defaults: the sample data, 8, 2000
+
+
+def test_read_examples():
+    import compare_app
+
+    examples = compare_app.read_examples(SAMPLE_WIKI, 8, 2000)
+    assert 0 < len(examples) <= 8 and all(e.strip() and len(e) <= 2000 for e in examples)
+    assert compare_app.read_examples(SAMPLE_WIKI, 8, 2000) == examples  # the same prompts every time
+    shortest = min(len(e) for e in examples)
+    assert compare_app.read_examples(SAMPLE_WIKI, 8, shortest) == [e for e in examples if len(e) <= shortest]
+    with pytest.raises(SystemExit, match="longer than --max-prompt-chars 1"):
+        compare_app.read_examples(SAMPLE_WIKI, 8, 1)
+
+
+def test_scores_match_evaluate_toxicity(tiny_policy, tiny_classifier):
+    """The app's score is the classifier's probability of the toxic label; sampling settings reach generation."""
+    import compare_app
+
+    examples = compare_app.read_examples(SAMPLE_WIKI, 8, 2000)
+    comparer = compare_app.Comparer([tiny_policy, tiny_policy], {tiny_policy: 128},
+                                    toxicity_module=os.path.join(ROOT, "measurements", "toxicity"),
+                                    toxicity_model=tiny_classifier, toxic_label="hate", max_prompt_chars=2000,
+                                    max_prompt_tokens=512, max_new_tokens_limit=200, device="cpu")
+    assert list(comparer.models) == [tiny_policy]  # the same model twice is loaded once
+    assert comparer.new_tokens_limit() == 127  # the 128-position model keeps one position for the prompt
     text, score = comparer.answer(tiny_policy, examples[0], 20, 1.0, 1.0, seed=3)
     assert (text, score) == comparer.answer(tiny_policy, examples[0], 20, 1.0, 1.0, seed=3)
     assert 0 <= score <= 1
@@ -249,6 +275,7 @@ def test_scores_match_evaluate_toxicity(tiny_policy, tiny_classifier):
     assert score == pytest.approx(probability, abs=1e-5)
     assert comparer.prompt_problem("   ", 20).startswith("Please type a prompt")
     assert "too long" in comparer.prompt_problem("the cat " * 200, 20)  # 128-position model: too many tokens
+    assert "2001 characters, the limit is 2000" in comparer.prompt_problem("x" * 2001, 20)
     assert comparer.prompt_problem("the cat said that", 20) is None
 
 
@@ -312,7 +339,8 @@ def test_cli_refuses_bad_input(case, tmp_path, tiny_policy, tiny_classifier):
 # ---------------------------------------------------------------- the committed screenshot
 
 def main(argv):
-    """python tests/test_compare_app.py OUT.png [compare_app.py arguments]: the browser check, keeping its screenshot."""
+    """python tests/test_compare_app.py OUT.png [compare_app.py arguments]: the browser check, keeping its
+    screenshot."""
     if not argv or argv[0].startswith("-"):
         sys.exit(__doc__)
     out, app_args = os.path.abspath(argv[0]), argv[1:]

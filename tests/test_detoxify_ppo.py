@@ -7,12 +7,13 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import detoxify_ppo
 import make_tiny_models
+from conftest import ROOT, run_cli
 from detox_common import classifier_logits, load_classifier
+from ppo_speedups import SPEEDUPS, SpeedupPPOTrainer, frozen_models_skip_ddp
 
 SAMPLE_DATA = os.path.join(ROOT, "data", "real_toxicity_prompts_sample.jsonl")
 
@@ -31,17 +32,12 @@ def write_jsonl(path, rows):
     return str(path)
 
 
-def parse(*argv):
-    (args,) = detoxify_ppo.HfArgumentParser(detoxify_ppo.Args).parse_args_into_dataclasses(args=list(argv))
-    return args
-
-
 def test_filter_keeps_exactly_rows_above_threshold_and_drops_nulls(tmp_path):
     toxicities = [0.1, 0.3, 0.300001, None, 0.9, 0.29, None, 0.75]
     path = write_jsonl(tmp_path / "rows.jsonl", [rtp_row(i, f"prompt {i}", t) for i, t in enumerate(toxicities)])
-    kept = detoxify_ppo.load_prompts(parse("--dataset", path))
+    kept = detoxify_ppo.load_prompts(path, "train", 0.3)
     assert sorted(r["prompt"]["text"] for r in kept) == ["prompt 2", "prompt 4", "prompt 7"]
-    kept = detoxify_ppo.load_prompts(parse("--dataset", path, "--toxicity-threshold", "0.8"))
+    kept = detoxify_ppo.load_prompts(path, "train", 0.8)
     assert [r["prompt"]["text"] for r in kept] == ["prompt 4"]
 
 
@@ -49,9 +45,8 @@ def test_queries_are_seeded_prefixes_of_prompt_then_continuation(tmp_path, tiny_
     tokenizer = AutoTokenizer.from_pretrained(tiny_policy)
     rows = [rtp_row(i, p, 0.9, c) for i, (p, c, _) in enumerate(corpus[:64])]
     rows.append(rtp_row(99, "the cat", 0.9, " said that the teacher walks home the river is green today."))
-    kept = detoxify_ppo.load_prompts(parse("--dataset", write_jsonl(tmp_path / "rows.jsonl", rows)))
-    args = parse("--min-context-tokens", "6", "--max-context-tokens", "9", "--seed", "3")
-    queries = detoxify_ppo.build_queries(kept, tokenizer, args)
+    kept = detoxify_ppo.load_prompts(write_jsonl(tmp_path / "rows.jsonl", rows), "train", 0.3)
+    queries = detoxify_ppo.build_queries(kept, tokenizer, 6, 9, seed=3)
     lengths = [len(q) for q in queries["input_ids"]]
     assert min(lengths) >= 6 and max(lengths) <= 9 and len(set(lengths)) > 1
     for row, query in zip(kept, queries):
@@ -59,33 +54,97 @@ def test_queries_are_seeded_prefixes_of_prompt_then_continuation(tmp_path, tiny_
         assert query["input_ids"].tolist() == full[: len(query["input_ids"])]
     # "the cat" is two tokens: the query runs on into the continuation.
     assert queries[len(rows) - 1]["query"].startswith("the cat said")
-    again = detoxify_ppo.build_queries(kept, tokenizer, args)
+    again = detoxify_ppo.build_queries(kept, tokenizer, 6, 9, seed=3)
     assert [q.tolist() for q in again["input_ids"]] == [q.tolist() for q in queries["input_ids"]]
-    other = detoxify_ppo.build_queries(kept, tokenizer, parse("--min-context-tokens", "6", "--max-context-tokens", "9"))
+    other = detoxify_ppo.build_queries(kept, tokenizer, 6, 9, seed=0)
     assert [len(q) for q in other["input_ids"]] != lengths
 
 
 def test_heldout_split_is_seeded_and_disjoint():
-    kept = detoxify_ppo.load_prompts(parse("--dataset", SAMPLE_DATA))
-    args = parse("--test-fraction", "0.25", "--seed", "5")
-    train, heldout = detoxify_ppo.split_prompts(kept, args, world_size=1)
+    kept = detoxify_ppo.load_prompts(SAMPLE_DATA, "train", 0.3)
+    train, heldout = detoxify_ppo.split_prompts(kept, 0.25, seed=5, rows_needed=16)
     names = lambda rows: {r["filename"] for r in rows}  # noqa: E731
     assert not names(train) & names(heldout)
     assert len(train) + len(heldout) == len(kept) and len(heldout) == pytest.approx(0.25 * len(kept), abs=1)
-    assert names(detoxify_ppo.split_prompts(kept, args, world_size=1)[1]) == names(heldout)
+    assert names(detoxify_ppo.split_prompts(kept, 0.25, seed=5, rows_needed=16)[1]) == names(heldout)
+    assert names(detoxify_ppo.split_prompts(kept, 0.25, seed=6, rows_needed=16)[1]) != names(heldout)
+
+
+def test_response_lengths_cover_min_to_max_inclusive_and_depend_on_step_and_process():
+    lengths = [detoxify_ppo.response_lengths(step, 16, 20, 30, seed=0, process_index=0) for step in range(50)]
+    assert min(map(min, lengths)) == 20 and max(map(max, lengths)) == 30
+    again = detoxify_ppo.response_lengths(7, 16, 20, 30, seed=0, process_index=0)
+    assert again.tolist() == lengths[7].tolist()
+    assert detoxify_ppo.response_lengths(7, 16, 20, 30, seed=0, process_index=1).tolist() != again.tolist()
+
+
+def tiny_base(layout, tokenizer, dtype=torch.float32, tiny_policy=None):
+    """The tiny pretrained GPT-Neo fixture, or a random 4-block GPT-J (its blocks return tensors, its head is
+    untied)."""
+    from transformers import GPTJConfig
+
+    torch.manual_seed(0)
+    if layout == "gpt-neo":
+        return AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=dtype)
+    return AutoModelForCausalLM.from_config(GPTJConfig(
+        vocab_size=len(tokenizer), n_embd=32, n_layer=4, n_head=4, rotary_dim=4, n_inner=64, n_positions=128,
+        tie_word_embeddings=False), dtype=dtype)
+
+
+def tiny_trainer(layout, tiny_policy, speedups=tuple(SPEEDUPS), trl_plain=False, dtype=torch.float32,
+                 gradient_checkpointing=False, learning_rate=2.94e-5):
+    """A policy with 2 of its 4 blocks shared, batch 16 / mini-batch 4, through build_models and SpeedupPPOTrainer;
+    trl_plain: trl's own value-head model and PPOTrainer, nothing of ours but the shared reference."""
+    from trl import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
+
+    torch.set_num_threads(1)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_policy)
+    tokenizer.pad_token = tokenizer.eos_token
+    base = tiny_base(layout, tokenizer, dtype, tiny_policy)
+    config = PPOConfig(batch_size=16, mini_batch_size=4, learning_rate=learning_rate, seed=0,
+                       gradient_checkpointing=gradient_checkpointing)
+    if trl_plain:
+        model = AutoModelForCausalLMWithValueHead.from_pretrained(base)
+        return PPOTrainer(config, model, detoxify_ppo.create_shared_reference(model, 2), tokenizer), tokenizer
+    model, ref = detoxify_ppo.build_models(base, 2)
+    return SpeedupPPOTrainer(config, model, ref, tokenizer, 2, speedups), tokenizer
+
+
+def one_step(trainer, tokenizer, seed=1, twin=False):
+    """One trl step on a fixed random batch (queries 10-15, responses 20-30 tokens); parameters and stats after it.
+    twin: row 1 holds row 0's tokens, split two tokens later into query and response."""
+    rng = torch.Generator().manual_seed(seed)
+    low, high = max(tokenizer.all_special_ids) + 1, len(tokenizer)  # no special token: no early stop
+    queries = [torch.randint(low, high, (int(n),), generator=rng) for n in torch.randint(10, 16, (16,), generator=rng)]
+    responses = [torch.randint(low, high, (int(n),), generator=rng)
+                 for n in torch.randint(20, 31, (16,), generator=rng)]
+    if twin:
+        queries[1], responses[1] = torch.cat([queries[0], responses[0][:2]]), responses[0][2:]
+    scores = [torch.tensor(x) for x in torch.linspace(-2, 2, 16).tolist()]
+    np.random.seed(0)  # trl shuffles mini-batches with numpy
+    stats = trainer.step(queries, responses, scores)
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}, stats, sum(map(len, responses))
+
+
+def count_calls(modules):
+    """Runs of each module's forward (only a module that really runs calls it)."""
+    calls = []
+    for module in modules:
+        module.register_forward_hook(lambda *a: calls.append(1))
+    return calls
+
+
+def head_positions(trainer):
+    """Positions the LM heads of policy and reference compute, call by call."""
+    positions = []
+    for model in (trainer.model, trainer.ref_model):
+        model.pretrained_model.get_output_embeddings().register_forward_hook(
+            lambda module, args, out: positions.append(args[0].shape[:-1].numel()))
+    return positions
 
 
 def test_reference_shares_storage_of_frozen_blocks_and_stays_put_after_ppo_step(tiny_policy):
-    from trl import AutoModelForCausalLMWithValueHead
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_policy)
-    tokenizer.pad_token = tokenizer.eos_token
-    base = AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.bfloat16)
-    model = AutoModelForCausalLMWithValueHead.from_pretrained(base).to(torch.bfloat16)
-    ref = detoxify_ppo.create_shared_reference(model, num_shared_layers=2)
-    args = detoxify_ppo.Args(model=tiny_policy, batch_size=4, mini_batch_size=2, learning_rate=1e-2, ppo_epochs=1,
-                             output_dir="unused")
-    trainer = detoxify_ppo.build_ppo_trainer(args, model, ref, tokenizer, total_steps=1, num_shared_layers=2)
+    trainer, tokenizer = tiny_trainer("gpt-neo", tiny_policy, dtype=torch.bfloat16, learning_rate=1e-2)
     policy = dict(trainer.model.named_parameters())
     reference = dict(trainer.ref_model.named_parameters())
     shared = [n for n in policy if ".wte." in n or ".wpe." in n or any(f".h.{i}." in n for i in range(2))]
@@ -99,119 +158,96 @@ def test_reference_shares_storage_of_frozen_blocks_and_stays_put_after_ppo_step(
             assert policy[name].data_ptr() != reference[name].data_ptr(), name
         assert policy[name].requires_grad
     assert not any(p.requires_grad for p in reference.values())
-    assert all(p.dtype == torch.bfloat16 for p in policy.values())
+    # pure bfloat16 policy, and trl's value head in float32 (trl upcasts its input)
+    assert {n: p.dtype for n, p in policy.items() if p.dtype != torch.bfloat16} == {
+        "v_head.summary.weight": torch.float32, "v_head.summary.bias": torch.float32}
     # The optimiser holds only trainable parameters: shared blocks cost no optimiser state.
     optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert optimised == {id(policy[n]) for n in unshared}
 
     before = {n: p.detach().clone() for n, p in policy.items()}
     ref_before = {n: p.detach().clone() for n, p in reference.items()}
-    queries = [torch.tensor(tokenizer("the cat said that")["input_ids"]) for _ in range(4)]
-    responses = [torch.tensor(tokenizer(" the garden is green.")["input_ids"]) for _ in range(4)]
-    trainer.step(queries, responses, [torch.tensor(x) for x in (1.0, -1.0, 2.0, -2.0)])
+    queries = [torch.tensor(tokenizer("the cat said that")["input_ids"]) for _ in range(16)]
+    responses = [torch.tensor(tokenizer(" the garden is green.")["input_ids"]) for _ in range(16)]
+    trainer.step(queries, responses, [torch.tensor(x) for x in torch.linspace(-2, 2, 16).tolist()])
     assert all(torch.equal(policy[n], before[n]) for n in shared)
     assert any(not torch.equal(policy[n], before[n]) for n in unshared)
     assert all(torch.equal(p, ref_before[n]) for n, p in reference.items())
-    assert all(p.dtype == torch.bfloat16 for p in trainer.model.parameters())
-
+    assert trainer.model.v_head.summary.weight.dtype == torch.float32
 
 
 # ---------------------------------------------------------------------------------------------- speed-ups
-def tiny_trainer(layout, tiny_policy, plain=False, **flags):
-    """A float32 policy (gpt-neo: the tiny fixture; gpt-j: a random 4-block GPT-J, whose blocks return tensors and
-    whose head is untied), 2 shared blocks, batch 16 / mini-batch 4; build_ppo_trainer, or trl's plain PPOTrainer."""
-    from transformers import GPTJConfig
-    from trl import AutoModelForCausalLMWithValueHead, PPOTrainer
-
-    torch.set_num_threads(1)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_policy)
-    tokenizer.pad_token = tokenizer.eos_token
-    torch.manual_seed(0)
-    if layout == "gpt-neo":
-        base = AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.float32)
-    else:
-        base = AutoModelForCausalLM.from_config(GPTJConfig(
-            vocab_size=len(tokenizer), n_embd=32, n_layer=4, n_head=4, rotary_dim=4, n_inner=64, n_positions=128,
-            tie_word_embeddings=False), dtype=torch.float32)
-    model = AutoModelForCausalLMWithValueHead.from_pretrained(base)
-    ref = detoxify_ppo.create_shared_reference(model, 2)
-    args = detoxify_ppo.Args(model=tiny_policy, dtype="float32", output_dir="unused", **flags)
-    if plain:
-        return PPOTrainer(detoxify_ppo.make_ppo_config(args, 1), model, ref, tokenizer), tokenizer
-    return detoxify_ppo.build_ppo_trainer(args, model, ref, tokenizer, 1, 2), tokenizer
-
-
-def one_step(trainer, tokenizer, seed=1, twin=False):
-    """One trl step on a fixed random batch (queries 10-15, responses 20-30 tokens); parameters and stats after it.
-    twin: row 1 holds row 0's tokens, split two tokens later into query and response."""
-    rng = torch.Generator().manual_seed(seed)
-    low, high = max(tokenizer.all_special_ids) + 1, len(tokenizer)  # no special token: no early stop
-    queries = [torch.randint(low, high, (int(n),), generator=rng) for n in torch.randint(10, 16, (16,), generator=rng)]
-    responses = [torch.randint(low, high, (int(n),), generator=rng) for n in torch.randint(20, 31, (16,), generator=rng)]
-    if twin:
-        queries[1], responses[1] = torch.cat([queries[0], responses[0][:2]]), responses[0][2:]
-    scores = [torch.tensor(x) for x in torch.linspace(-2, 2, 16).tolist()]
-    np.random.seed(0)  # trl shuffles mini-batches with numpy
-    stats = trainer.step(queries, responses, scores)
-    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}, stats, sum(map(len, responses))
-
-
 @pytest.mark.parametrize("layout", ["gpt-neo", "gpt-j"])
-def test_frozen_prefix_cache_gives_bit_identical_updates_and_skips_the_shared_blocks(tiny_policy, layout):
+def test_frozen_prefix_cache_gives_trls_update_bit_for_bit_and_runs_the_shared_blocks_once(tiny_policy, layout):
     results = []
-    for cache in (False, True):
-        trainer, tokenizer = tiny_trainer(layout, tiny_policy, frozen_prefix_cache=cache, response_only_logits=False)
-        calls = []  # runs of block 0's attention in policy and reference: only a block that really runs calls it
-        for model in (trainer.model, trainer.ref_model):
-            detoxify_ppo.FrozenPrefixCache.blocks(model)[0].attn.register_forward_hook(lambda *a: calls.append(1))
+    for trl_plain in (True, False):
+        trainer, tokenizer = tiny_trainer(layout, tiny_policy, speedups=("prefix",), trl_plain=trl_plain)
+        models = (trainer.model, trainer.ref_model)
+        first = count_calls([m.pretrained_model.transformer.h[0].attn for m in models])
+        unshared = count_calls([m.pretrained_model.transformer.h[2].attn for m in models])
         params, stats, _ = one_step(trainer, tokenizer)
-        results.append((params, stats, len(calls), trainer.frozen_prefix_cache))
-    (plain, plain_stats, plain_calls, none), (cached, cached_stats, cached_calls, cache) = results
-    assert none is None
+        results.append((params, stats, len(first), len(unshared)))
+    (plain, plain_stats, plain_first, plain_unshared), (cached, cached_stats, cached_first, cached_unshared) = results
     assert cached_stats["ppo/loss/total"] == plain_stats["ppo/loss/total"]
+    assert np.array_equal(cached_stats["objective/logprobs"], plain_stats["objective/logprobs"])
     assert all(torch.equal(plain[n], cached[n]) for n in plain)
     # trl's step: 4 policy + 4 reference no-grad passes, then 4 epochs x 4 mini-batches = 24 forward calls;
-    # with the cache only the policy's first 4 run the shared blocks
-    assert plain_calls == 24 and cached_calls == 4 and (cache.misses, cache.hits) == (4, 20)
+    # with the cache the shared blocks run in the policy's first 4 only, the unshared ones in all 24
+    assert (plain_first, plain_unshared) == (24, 24) and (cached_first, cached_unshared) == (4, 24)
 
 
 @pytest.mark.parametrize("layout", ["gpt-neo", "gpt-j"])
 def test_response_only_logits_compute_the_head_where_trl_reads_it(tiny_policy, layout):
-    full, full_stats, _ = one_step(*tiny_trainer(layout, tiny_policy, frozen_prefix_cache=False,
-                                                 response_only_logits=False))
-    trainer, tokenizer = tiny_trainer(layout, tiny_policy, frozen_prefix_cache=False, response_only_logits=True)
+    full, full_stats, _ = one_step(*tiny_trainer(layout, tiny_policy, trl_plain=True))
+    trainer, tokenizer = tiny_trainer(layout, tiny_policy, speedups=("logits",))
+    head_rows = head_positions(trainer)
     cut, cut_stats, response_tokens = one_step(trainer, tokenizer)
-    # the reference pass and 4 epochs over the 16 rows, at the response positions only
-    assert trainer.frozen_prefix_cache.head_positions == 5 * response_tokens
+    # the policy's first pass over every position (16 rows), then the reference pass and 4 epochs over the 16
+    # rows at the response positions only
+    assert len(head_rows) == 24 and sum(head_rows[4:]) == 5 * response_tokens
     for key in ("ppo/loss/total", "objective/kl", "objective/logprobs", "ppo/policy/entropy"):
         assert cut_stats[key] == pytest.approx(full_stats[key], rel=1e-4, abs=1e-6), key
     for name, value in full.items():
         torch.testing.assert_close(cut[name], value, rtol=1e-5, atol=1e-6)
 
 
-def test_response_only_logits_cover_rows_whose_equal_tokens_are_split_differently(tiny_policy):
-    """Rows are found by their tokens: two rows with the same tokens but another query/response split read
-    different positions, so both get the union of them (here row 0's, which hold row 1's) and trl's update."""
-    full, full_stats, _ = one_step(*tiny_trainer("gpt-neo", tiny_policy, frozen_prefix_cache=False,
-                                                 response_only_logits=False), twin=True)
+def test_rows_with_equal_tokens_but_another_split_read_their_own_positions(tiny_policy):
+    """Rows are found by trl's tensors, not their tokens: row 1 holds row 0's tokens split two tokens later, and
+    its logits are computed at its own response positions (two fewer than row 0's), giving trl's update."""
+    full, _, _ = one_step(*tiny_trainer("gpt-neo", tiny_policy, trl_plain=True), twin=True)
     trainer, tokenizer = tiny_trainer("gpt-neo", tiny_policy)
-    cut, cut_stats, response_tokens = one_step(trainer, tokenizer, twin=True)
-    # 5 response-only passes; row 1 (two tokens shorter response) is computed at row 0's positions
-    assert trainer.frozen_prefix_cache.head_positions == 5 * (response_tokens + 2)
-    assert trainer.frozen_prefix_cache.hits == 20
+    head_rows = head_positions(trainer)
+    cut, _, response_tokens = one_step(trainer, tokenizer, twin=True)
+    assert sum(head_rows[4:]) == 5 * response_tokens
     for name, value in full.items():
         torch.testing.assert_close(cut[name], value, rtol=1e-5, atol=1e-6)
 
 
 def test_shipped_trainer_updates_the_policy_as_trls_plain_trainer(tiny_policy):
     """Fused Adam, the cache, response-only logits and the head hook together: trl's update, to float rounding."""
-    plain, plain_stats, _ = one_step(*tiny_trainer("gpt-neo", tiny_policy, plain=True))
+    plain, plain_stats, _ = one_step(*tiny_trainer("gpt-neo", tiny_policy, trl_plain=True))
     trainer, tokenizer = tiny_trainer("gpt-neo", tiny_policy)
     fast, fast_stats, _ = one_step(trainer, tokenizer)
-    assert trainer.optimizer.defaults["fused"]
+    assert trainer.optimizer.optimizer.defaults["fused"] and trainer.speedups == set(SPEEDUPS)
     assert fast_stats["ppo/loss/total"] == pytest.approx(plain_stats["ppo/loss/total"], rel=1e-4)
     for name, value in plain.items():
         torch.testing.assert_close(fast[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_speedups_switch_off_to_trls_plain_trainer_and_back(tiny_policy):
+    """speedups_only() is trl's PPOTrainer as it is: the same update as trl's own trainer, bit for bit, with trl's
+    unfused Adam and no head hook; afterwards every speed-up is back."""
+    plain, plain_stats, _ = one_step(*tiny_trainer("gpt-neo", tiny_policy, trl_plain=True))
+    trainer, tokenizer = tiny_trainer("gpt-neo", tiny_policy)
+    head = trainer.model.pretrained_model.get_output_embeddings()
+    with trainer.speedups_only():
+        assert not trainer.speedups and not head._forward_pre_hooks
+        assert not trainer.optimizer.optimizer.defaults["fused"]
+        off, off_stats, _ = one_step(trainer, tokenizer)
+    assert off_stats["ppo/loss/total"] == plain_stats["ppo/loss/total"]
+    assert all(torch.equal(plain[n], off[n]) for n in plain)
+    assert trainer.speedups == set(SPEEDUPS) and len(head._forward_pre_hooks) == 1
+    assert trainer.optimizer.optimizer.defaults["fused"]
 
 
 def test_gradient_checkpointing_checkpoints_the_trained_blocks_and_keeps_the_update(tiny_policy):
@@ -233,20 +269,47 @@ def test_contiguous_head_input_changes_no_sample(tiny_policy):
     trainer, tokenizer = tiny_trainer("gpt-neo", tiny_policy)
     queries = [torch.tensor(tokenizer(t)["input_ids"]) for t in ("the cat said that", "you are a", "we went to the")]
     samples = []
-    for hooked in (True, False):
-        if not hooked:
-            trainer.head_hook.remove()
-        torch.manual_seed(0)
-        samples.append(detoxify_ppo.sample_responses(trainer, tokenizer, queries, [25, 20, 30]))
+    for speedups in (SPEEDUPS, ()):
+        with trainer.speedups_only(speedups):
+            torch.manual_seed(0)
+            samples.append(detoxify_ppo.sample_responses(trainer, tokenizer, queries, [25, 20, 30]))
     assert all(torch.equal(a, b) for a, b in zip(*samples))
+
+
+def test_frozen_model_ddp_fix_applies_only_on_multi_cpu_runs(monkeypatch):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    seen = []  # accelerate's prepare_model, as the fix calls it: (model, evaluation_mode)
+    monkeypatch.setattr(Accelerator, "prepare_model", lambda self, model, device_placement=None,
+                        evaluation_mode=False: seen.append((model, evaluation_mode)))
+    spy = Accelerator.prepare_model
+    frozen, trainable = torch.nn.Linear(2, 2).requires_grad_(False), torch.nn.Linear(2, 2)
+    with frozen_models_skip_ddp(DistributedType.NO):
+        assert Accelerator.prepare_model is spy
+    with frozen_models_skip_ddp(DistributedType.MULTI_CPU):
+        Accelerator.prepare_model(None, frozen)
+        Accelerator.prepare_model(None, trainable)
+    assert seen == [(frozen, True), (trainable, False)] and Accelerator.prepare_model is spy
+
+
+def test_help_says_what_turning_each_default_on_flag_off_does():
+    result = run_cli("detoxify_ppo.py", "--help")
+    text = " ".join(result.stdout.split())
+    for name, help_text in detoxify_ppo.NO_FLAG_HELP.items():
+        no_flag = f"--no-{name.replace('_', '-')}"
+        assert f"{no_flag}, --no_{name} {help_text}" in text, no_flag
+        positive = detoxify_ppo.Args.__dataclass_fields__[name].metadata["help"]
+        assert help_text != positive
+
 
 def test_default_shared_layers_follow_the_study_fraction():
     from transformers import GPTJConfig, GPTNeoConfig
 
-    args = parse()
-    assert detoxify_ppo.resolve_shared_layers(args, GPTJConfig(n_layer=28)) == 20  # the study's GPT-J setting
-    assert detoxify_ppo.resolve_shared_layers(args, GPTNeoConfig(num_layers=12, attention_types=[[["global", "local"], 6]])) == 8
-    assert detoxify_ppo.resolve_shared_layers(parse("--num-shared-layers", "0"), GPTJConfig(n_layer=28)) == 0
+    assert detoxify_ppo.resolve_shared_layers(None, GPTJConfig(n_layer=28)) == 20  # the study's GPT-J setting
+    neo = GPTNeoConfig(num_layers=12, attention_types=[[["global", "local"], 6]])
+    assert detoxify_ppo.resolve_shared_layers(None, neo) == 8
+    assert detoxify_ppo.resolve_shared_layers(0, GPTJConfig(n_layer=28)) == 0
 
 
 @pytest.fixture(scope="module")
@@ -301,7 +364,7 @@ def test_cli_logs_every_step_and_rewards_are_the_nothate_logit_of_the_response(c
     policy_tokenizer = AutoTokenizer.from_pretrained(out / "final")
     lengths = [len(policy_tokenizer(s["response"])["input_ids"]) for s in samples]
     assert max(lengths) <= 30 and len(set(lengths)) > 1
-    kept = detoxify_ppo.load_prompts(parse("--dataset", SAMPLE_DATA))
+    kept = detoxify_ppo.load_prompts(SAMPLE_DATA, "train", 0.3)
     heldout = [json.loads(line)["filename"] for line in open(out / "heldout_prompts.jsonl")]
     assert len(heldout) == len(set(heldout)) == math.ceil(0.2 * len(kept))  # datasets rounds the test share up
 

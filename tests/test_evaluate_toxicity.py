@@ -10,17 +10,23 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 
 import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
-from transformers import (AutoModelForCausalLM, AutoTokenizer, GPTNeoConfig, GPTNeoForCausalLM,
-                          GPTNeoForSequenceClassification, HfArgumentParser)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPTNeoConfig,
+    GPTNeoForCausalLM,
+    GPTNeoForSequenceClassification,
+)
 
 import evaluate_toxicity as et
+from conftest import run_cli
 
 N, K, NEW, PROMPT_TOKENS = 6, 2, 8, 24
 
@@ -243,16 +249,27 @@ def test_earlier_rows_of_other_settings_are_refused(run, tiny_policy, tiny_class
 
 
 def test_check_previous_compares_every_setting():
-    (args,) = HfArgumentParser(et.Args).parse_args_into_dataclasses(args=["--toxicity-model", "tiny/classifier"])
-    row = {"model": "m"} | {column: getattr(args, option) for column, option in et.SETTINGS.items()}
-    et.check_previous([row], args)
-    et.check_previous([row | {"seed": float(args.seed), "threshold": str(args.threshold)}], args)  # as read back
+    import dataclasses
+
+    options = {f.name for f in dataclasses.fields(et.Args)}
+    assert set(et.SETTINGS.values()) <= options  # main reads each setting from its option
+    settings = {"dataset": et.WIKI_TOXIC, "split": "auto", "rtp_prompts": "toxic", "seed": 0, "n_prompts": 400,
+                "k": 1, "max_prompt_tokens": 512, "max_new_tokens": 30, "toxicity_model": "tiny/classifier",
+                "toxic_label": "hate", "threshold": 0.5}
+    assert set(settings) == set(et.SETTINGS)
+    csv_path = "earlier/toxicity.csv"
+    row = {"model": "m"} | settings
+    et.check_previous([row], settings, csv_path)
+    et.check_previous([row | {"seed": 0.0, "threshold": "0.5"}], settings, csv_path)  # as read back
     for column, option in et.SETTINGS.items():
         changed = row | {column: "other" if isinstance(row[column], str) else row[column] + 1}
-        with pytest.raises(SystemExit, match=f"--{option.replace('_', '-')}: "):
-            et.check_previous([changed], args)
-        with pytest.raises(SystemExit, match=f"--{option.replace('_', '-')}: no record of it"):
-            et.check_previous([{k: v for k, v in row.items() if k != column}], args)
+        flag = f"--{option.replace('_', '-')}: "
+        with pytest.raises(SystemExit, match=re.escape(f"{flag}{changed[column]}, now {settings[column]}")) as stop:
+            et.check_previous([changed], settings, csv_path)
+        assert str(stop.value).startswith(f"error: {csv_path} holds m measured with other settings"), stop.value
+        with pytest.raises(SystemExit, match=f"{flag}no record of it"):
+            et.check_previous([{k: v for k, v in row.items() if k != column}], settings, csv_path)
+
 
 def rows_file(tmp_path, rows, name="rows.jsonl"):
     path = tmp_path / name

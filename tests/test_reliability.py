@@ -11,11 +11,12 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
+import checkpoints
 import detoxify_ppo
+from conftest import ROOT
 
 SAMPLE_DATA = os.path.join(ROOT, "data", "real_toxicity_prompts_sample.jsonl")
 STEPS = "30"
@@ -83,7 +84,7 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(interrupted):
     step = int(last.split(" at step ")[1].split("/")[0])
     assert 2 <= step < int(STEPS)
     assert (out / f"checkpoint-{step}").is_dir() and not (out / "final").exists()
-    assert sorted(os.listdir(out / f"checkpoint-{step}")) == sorted(set(detoxify_ppo.CHECKPOINT_FILES) | {
+    assert sorted(os.listdir(out / f"checkpoint-{step}")) == sorted(set(checkpoints.CHECKPOINT_FILES) | {
         "generation_config.json", "tokenizer.json", "tokenizer_config.json", "README.md"})
     assert len(read_jsonl(out / "stats.jsonl")) == step
 
@@ -115,9 +116,12 @@ def test_resume_auto_picks_the_newest_checkpoint(uninterrupted, tmp_path):
     for name in ("checkpoint-28", "checkpoint-29"):
         shutil.copytree(uninterrupted / name, out / name)
     saved = json.load(open(out / "checkpoint-29" / "training_args.json"))
-    args = detoxify_ppo.Args(**{**saved, "resume_from_checkpoint": "auto", "output_dir": str(out)})
-    path, state = detoxify_ppo.find_checkpoint(args)
-    assert path.endswith("checkpoint-29") and state["step"] == 29
+    data_order = {k: saved[k] for k in detoxify_ppo.DATA_ORDER_ARGS}
+    resume = checkpoints.find_checkpoint("auto", str(out), use_peft=False, data_order=data_order)
+    assert resume.path.endswith("checkpoint-29") and resume.step == 29 and resume.num_processes == 1
+    assert resume.kl_coef == json.load(open(out / "checkpoint-29" / "trainer_state.json"))["kl_coef"]
+    with pytest.raises(SystemExit, match=r"other --seed \(seed=0\)"):
+        checkpoints.find_checkpoint("auto", str(out), use_peft=False, data_order={**data_order, "seed": 1})
 
 
 def test_nan_reward_stops_and_keeps_the_last_checkpoint(interrupted, tiny_policy, tiny_classifier, tmp_path):
@@ -151,16 +155,15 @@ def test_non_finite_log_probabilities_or_loss_stop_the_run():
 
 def test_a_crash_while_saving_leaves_the_previous_checkpoint_whole(tiny_policy, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import AutoModelForCausalLMWithValueHead
+    from trl import PPOConfig
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_policy)
     tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLMWithValueHead.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_policy))
-    args = detoxify_ppo.Args(output_dir=str(tmp_path))
-    trainer = detoxify_ppo.build_ppo_trainer(args, model, detoxify_ppo.create_shared_reference(model, 2), tokenizer,
-                                             total_steps=1, num_shared_layers=2)
+    model, ref = detoxify_ppo.build_models(AutoModelForCausalLM.from_pretrained(tiny_policy), 2)
+    trainer = detoxify_ppo.build_ppo_trainer(PPOConfig(batch_size=16, mini_batch_size=4), model, ref, tokenizer, 2)
     path = str(tmp_path / "checkpoint-1")
-    detoxify_ppo.save_checkpoint(trainer, tokenizer, args, path, 1)
+    checkpoints.save_checkpoint(trainer, tokenizer, path, 1, {"seed": 0}, "card")
+    assert json.load(open(os.path.join(path, "training_args.json"))) == {"seed": 0}
     before = digest(path)
     with torch.no_grad():
         model.v_head.summary.bias.fill_(3.0)
@@ -173,17 +176,17 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_whole(tiny_policy, 
             raise OSError("disk full")
         return real_save(obj, target, *a, **k)
 
-    monkeypatch.setattr(detoxify_ppo.torch, "save", crash_at_optimizer)
+    monkeypatch.setattr(checkpoints.torch, "save", crash_at_optimizer)
     with pytest.raises(OSError, match="disk full"):
-        detoxify_ppo.save_checkpoint(trainer, tokenizer, args, path, 1)
+        checkpoints.save_checkpoint(trainer, tokenizer, path, 1, {"seed": 0}, "card")
     assert "value_head.safetensors" in written  # the crash came after part of the new checkpoint was written
     assert digest(path) == before
 
 
 def test_too_little_free_disk_is_refused_before_models_load(tiny_policy, tiny_classifier, tmp_path, monkeypatch):
     real = shutil.disk_usage
-    monkeypatch.setattr(detoxify_ppo.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
     with pytest.raises(SystemExit, match=r"has 0.00 GB free but one checkpoint needs about"):
         detoxify_ppo.main(["--model", tiny_policy, "--reward-model", tiny_classifier, "--dataset", SAMPLE_DATA,
                            "--output-dir", str(tmp_path / "out")])
-    assert os.listdir(tmp_path / "out") == []
+    assert not (tmp_path / "out").exists()  # a refused run leaves no empty output folder behind

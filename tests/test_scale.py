@@ -6,10 +6,10 @@ import os
 
 import pytest
 import torch
-from conftest import ROOT, run_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import detoxify_ppo
+from conftest import ROOT, run_cli
 
 SAMPLE_DATA = os.path.join(ROOT, "data", "real_toxicity_prompts_sample.jsonl")
 
@@ -32,8 +32,11 @@ def logits(model, tokenizer):
 
 
 def test_only_lora_and_value_head_train_and_the_reference_is_the_base(tiny_policy):
-    args = detoxify_ppo.Args(model=tiny_policy, use_peft=True, lora_target_modules=["q_proj", "v_proj"])
-    model = detoxify_ppo.load_peft_policy(args, torch.float32, "cpu")
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    model, ref = detoxify_ppo.build_models(detoxify_ppo.load_base_model(tiny_policy, torch.float32, "cpu"), 2, lora)
+    assert ref is None
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n or n.startswith("v_head") for n in trainable)
     assert any(n.startswith("v_head") for n in trainable) and any("lora_A" in n for n in trainable)
@@ -67,8 +70,9 @@ def test_adapter_and_merged_model_reload_and_differ_from_the_base(lora_run, tiny
 def test_model_card_describes_the_run_and_takes_the_evaluation(lora_run, tiny_policy, tiny_classifier):
     card = (lora_run / "final-merged" / "README.md").read_text()
     last = [json.loads(line) for line in open(lora_run / "stats.jsonl")][-1]
-    for fact in (f"base_model: {tiny_policy}", SAMPLE_DATA, "prompt.toxicity > 0.3", f"`nothate` from `{tiny_classifier}`",
-                 "learning rate 0.01", "batch 16, mini-batch 4", "| steps | 3 |", "LoRA adapters (r=16",
+    for fact in (f"base_model: {tiny_policy}", SAMPLE_DATA, "prompt.toxicity > 0.3",
+                 f"`nothate` from `{tiny_classifier}`", "learning rate 0.01", "batch 16, mini-batch 4",
+                 "| steps | 3 |", "LoRA adapters (r=16",
                  f"mean reward {last['env/reward_mean']:.4f}, KL {last['objective/kl']:.4f}"):
         assert fact in card, fact
     result = run_cli("evaluate_toxicity.py", "--models", tiny_policy, lora_run / "final-merged", "--dataset",
@@ -114,7 +118,8 @@ def test_yaml_config_gives_defaults_and_flags_win(tmp_path):
                          ids=os.path.basename)
 def test_study_configs_are_the_study_runs(path):
     args = detoxify_ppo.parse_args(["--config", path])
-    models = {"study_gpt-neo-125m.yaml": "EleutherAI/gpt-neo-125M", "study_gpt-neo-2.7b.yaml": "EleutherAI/gpt-neo-2.7B",
-              "study_gpt-j-6b.yaml": "EleutherAI/gpt-j-6B"}
+    models = {"study_gpt-neo-125m.yaml": "EleutherAI/gpt-neo-125M",
+              "study_gpt-neo-2.7b.yaml": "EleutherAI/gpt-neo-2.7B", "study_gpt-j-6b.yaml": "EleutherAI/gpt-j-6B"}
     assert args.model == models[os.path.basename(path)]
-    assert (args.batch_size, args.mini_batch_size, args.learning_rate, args.dtype) == (16, 4, 1.47e-5, "bfloat16")
+    # the study's script: batch 16, mini-batch 4, learning rate (1.47e-5) * 2, the policy in bfloat16
+    assert (args.batch_size, args.mini_batch_size, args.learning_rate, args.dtype) == (16, 4, 1.47e-5 * 2, "bfloat16")

@@ -1,0 +1,334 @@
+"""Checkpoints and faults of detoxify_ppo.py: save, find, check, load and prune checkpoints; RNG state; the replica
+check; free disk; stopping on a signal; the stats/samples logs; the model card; merged LoRA saves and hub upload."""
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from detox_common import CARD_RESULTS_END, CARD_RESULTS_START, fail
+
+# What a checkpoint must hold to resume; anything missing or unreadable is reported by name.
+CHECKPOINT_FILES = ["config.json", "model.safetensors", "value_head.safetensors", "optimizer.pt",
+                    "trainer_state.json", "rng_state_0.pth", "training_args.json"]
+LORA_FILES = {"config.json": "adapter_config.json", "model.safetensors": "adapter_model.safetensors"}
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """A checked checkpoint to resume from."""
+    path: str
+    step: int
+    kl_coef: float
+    num_processes: int
+
+
+# ---------------------------------------------------------------------------------------------- RNG, replicas, disk
+def rng_state():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def check_replicas_agree(accelerator, model, step):
+    """Data-parallel processes must hold the same weights; checked (one float per process) before each save."""
+    if accelerator.num_processes == 1:
+        return
+    checksum = torch.stack([p.detach().double().sum() for p in model.parameters() if p.requires_grad]).sum()
+    sums = accelerator.gather(checksum.reshape(1)).tolist()
+    if max(sums) - min(sums) > 1e-6 * max(1.0, abs(sums[0])):
+        fail(f"weights differ across processes at step {step} ({sums}); not saving")
+    accelerator.print(f"step {step}: trainable weights identical on all {len(sums)} processes")
+
+
+def check_disk(output_dir, existing_folder, need_bytes):
+    """Free space for one checkpoint on the disk of output_dir (whose nearest existing folder is existing_folder)."""
+    free = shutil.disk_usage(existing_folder).free
+    if free < need_bytes:
+        fail(f"--output-dir {output_dir} has {free / 1e9:.2f} GB free but one checkpoint needs about "
+             f"{need_bytes / 1e9:.2f} GB; free some space or pick another folder")
+
+
+# ---------------------------------------------------------------------------------------------- save
+def fsync_tree(folder):
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+
+
+def save_checkpoint(ppo_trainer, tokenizer, path, step, training_args, card):
+    """Write everything a resume needs into PATH.tmp, flush it, then rename: a crash leaves the old one whole.
+
+    PATH holds a plain causal LM in safetensors (AutoModelForCausalLM.from_pretrained(PATH) loads it), its
+    tokenizer, the value head (float32, as trl keeps it), the optimizer, the KL controller, the step, every
+    process's RNG state, `training_args` (a dict) as training_args.json and `card` as README.md.
+    """
+    from safetensors.torch import save_file
+
+    accelerator = ppo_trainer.accelerator
+    model = accelerator.unwrap_model(ppo_trainer.model)
+    check_replicas_agree(accelerator, model, step)
+    tmp = f"{path}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    accelerator.wait_for_everyone()
+    torch.save(rng_state(), os.path.join(tmp, f"rng_state_{accelerator.process_index}.pth"))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        model.pretrained_model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        save_file({k: v.contiguous() for k, v in model.v_head.state_dict().items()},
+                  os.path.join(tmp, "value_head.safetensors"))
+        torch.save(ppo_trainer.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        state = {"step": step, "kl_coef": float(ppo_trainer.kl_ctl.value), "num_processes": accelerator.num_processes}
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump(state, f)
+        with open(os.path.join(tmp, "training_args.json"), "w") as f:
+            json.dump(training_args, f, indent=2)
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            f.write(card)
+        fsync_tree(tmp)
+        old = f"{path}.old"
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def save_merged(ppo_trainer, tokenizer, path, card):
+    """PATH: LoRA adapters folded into the base weights, loadable by AutoModelForCausalLM alone."""
+    merged = ppo_trainer.accelerator.unwrap_model(ppo_trainer.model).pretrained_model.merge_and_unload()
+    merged.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    with open(os.path.join(path, "README.md"), "w") as f:
+        f.write(card)
+
+
+def push_to_hub(folder, repo_id):
+    """Upload model, tokenizer and card; training state (optimizer, RNG) stays local."""
+    import huggingface_hub
+
+    huggingface_hub.create_repo(repo_id, exist_ok=True)
+    huggingface_hub.upload_folder(repo_id=repo_id, folder_path=folder,
+                                  commit_message="Upload model detoxified with PPO",
+                                  ignore_patterns=["optimizer.pt", "rng_state_*.pth", "trainer_state.json"])
+    print(f"pushed {folder} to {repo_id}")
+
+
+def checkpoint_steps(output_dir):
+    """Steps of the checkpoint-STEP folders in output_dir, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(int(m.group(1)) for name in os.listdir(output_dir) if (m := re.fullmatch(r"checkpoint-(\d+)", name)))
+
+
+def prune_checkpoints(output_dir, keep):
+    """Keep the newest `keep` checkpoint-STEP folders (final/ is never pruned)."""
+    for step in checkpoint_steps(output_dir)[:-keep]:
+        shutil.rmtree(os.path.join(output_dir, f"checkpoint-{step}"), ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- find and load
+def find_checkpoint(resume_from, output_dir, use_peft, data_order):
+    """The ResumePoint that `resume_from` names ('auto': the newest checkpoint-STEP in output_dir, None if there is
+    none), checked whole and made with the same `data_order` values (a dict of the options that decide the batches)."""
+    path = resume_from
+    if path == "auto":
+        steps = checkpoint_steps(output_dir)
+        if not steps:  # nothing to resume: a pre-empted job can rerun one command from the start
+            if os.path.isdir(os.path.join(output_dir, "final")):
+                fail(f"{output_dir} already holds a finished run (final/); pick another --output-dir")
+            return None
+        path = os.path.join(output_dir, f"checkpoint-{steps[-1]}")
+    if not os.path.isdir(path):
+        fail(f"--resume-from-checkpoint {path}: no such folder")
+    required = [LORA_FILES.get(n, n) for n in CHECKPOINT_FILES] if use_peft else CHECKPOINT_FILES
+    missing = [name for name in required if not os.path.isfile(os.path.join(path, name))]
+    if missing:
+        fail(f"checkpoint {path} is incomplete: missing {', '.join(missing)}; resume from an earlier checkpoint")
+    try:
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            state = json.load(f)
+        with open(os.path.join(path, "training_args.json")) as f:
+            saved_args = json.load(f)
+        from safetensors import safe_open
+
+        for name in (LORA_FILES["model.safetensors"] if use_peft else "model.safetensors", "value_head.safetensors"):
+            with safe_open(os.path.join(path, name), "pt"):
+                pass  # safetensors checks that the header's tensors cover the file: a truncated one fails here
+    except Exception as e:
+        fail(f"checkpoint {path} is corrupt ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+             "resume from an earlier checkpoint")
+    changed = [k for k, v in data_order.items() if saved_args.get(k) != v]
+    if changed:
+        fail(f"checkpoint {path} was trained with other {', '.join('--' + k.replace('_', '-') for k in changed)} "
+             f"({', '.join(f'{k}={saved_args.get(k)!r}' for k in changed)}); resume with the same values")
+    return ResumePoint(path, state["step"], state["kl_coef"], state["num_processes"])
+
+
+def load_checkpoint(ppo_trainer, resume):
+    """Restore weights (or adapters), value head, optimizer, KL coefficient, trl's step and this process's RNG."""
+    from safetensors.torch import load_file
+
+    accelerator = ppo_trainer.accelerator
+    device = str(accelerator.device)
+    model = accelerator.unwrap_model(ppo_trainer.model)
+    if os.path.isfile(os.path.join(resume.path, LORA_FILES["model.safetensors"])):
+        from peft import set_peft_model_state_dict
+
+        adapters = load_file(os.path.join(resume.path, LORA_FILES["model.safetensors"]), device=device)
+        set_peft_model_state_dict(model.pretrained_model, adapters)
+    else:
+        weights = load_file(os.path.join(resume.path, "model.safetensors"), device=device)
+        current = model.pretrained_model.state_dict()
+        loaded = {current[k].data_ptr() for k in weights if k in current}
+        missing = [k for k in current if k not in weights and current[k].data_ptr() not in loaded]  # tied: loaded
+        unexpected = [k for k in weights if k not in current]
+        if missing or unexpected:
+            fail(f"checkpoint {resume.path} does not fit --model {model.config._name_or_path}: missing {missing[:3]}, "
+                 f"unexpected {unexpected[:3]}")
+        model.pretrained_model.load_state_dict(weights, strict=False)
+    model.v_head.load_state_dict(load_file(os.path.join(resume.path, "value_head.safetensors"), device=device))
+    ppo_trainer.optimizer.load_state_dict(torch.load(os.path.join(resume.path, "optimizer.pt"), map_location=device,
+                                                     weights_only=False))
+    ppo_trainer.kl_ctl.value = resume.kl_coef
+    ppo_trainer.current_step = resume.step  # trl logs to trackers at this step
+    rng_file = os.path.join(resume.path, f"rng_state_{accelerator.process_index}.pth")
+    set_rng_state(torch.load(rng_file, weights_only=False))
+    return resume.step
+
+
+# ---------------------------------------------------------------------------------------------- signals and logs
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop finishes the step in flight, saves and exits. A second signal kills."""
+
+    def __init__(self):
+        self.signal = None
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def handle(self, signum, frame):
+        self.signal = signum
+        signal.signal(signum, signal.SIG_DFL)
+
+    def message(self, step, total_steps, path, argv):
+        """The line a stopped run exits with: which signal, where it stopped, and the command that resumes."""
+        name = signal.Signals(self.signal).name if self.signal else "a signal on another process"
+        command = " ".join(["python", *sys.argv]) if argv is None else "the same command"
+        return (f"interrupted by {name} at step {step}/{total_steps}; saved {path}; resume with: {command} "
+                f"--resume-from-checkpoint {path}")
+
+    def agreed(self, accelerator):
+        """True on every process once any process was signalled (so all ranks stop at the same step)."""
+        flag = torch.tensor([float(self.signal is not None)], device=accelerator.device)
+        if accelerator.num_processes > 1:
+            flag = accelerator.reduce(flag, reduction="sum")
+        return bool(flag.item())
+
+
+class RunLog:
+    """stats.jsonl (every step's scalars) and samples.jsonl (every episode), on the main process only. A resumed run
+    first cuts them back to its checkpoint's step (rewritten whole, then renamed), so they match an uninterrupted
+    run."""
+
+    NAMES = ("stats", "samples")
+
+    def __init__(self, output_dir, resume_step, enabled):
+        self.files = {}
+        if not enabled:
+            return
+        for name in self.NAMES:
+            path = os.path.join(output_dir, f"{name}.jsonl")
+            if resume_step is not None and os.path.exists(path):
+                with open(path) as f, open(f"{path}.tmp", "w") as kept:
+                    kept.writelines(line for line in f if json.loads(line)["step"] <= resume_step)
+                os.replace(f"{path}.tmp", path)
+            self.files[name] = open(path, "a" if resume_step is not None else "w")
+
+    def write(self, step, scalars, episodes):
+        if not self.files:
+            return
+        self.files["stats"].write(json.dumps({"step": step, **scalars}) + "\n")
+        self.files["samples"].writelines(json.dumps(e) + "\n" for e in episodes)
+        for f in self.files.values():
+            f.flush()
+
+    def close(self):
+        for f in self.files.values():
+            f.close()
+
+
+# ---------------------------------------------------------------------------------------------- model card
+def model_card(args, num_shared_layers, step, summary):
+    """README.md of a checkpoint: how it was made (args: detoxify_ppo.Args), and the last training numbers."""
+    summary = summary or {}
+    reward = f"{summary['reward']:.4f}" if "reward" in summary else "n/a"
+    kl = f"{summary['kl']:.4f}" if "kl" in summary else "n/a"
+    base = args.model
+    if args.use_peft:
+        method = (f"LoRA adapters (r={args.lora_r}, alpha={args.lora_alpha}, dropout={args.lora_dropout}) and a value "
+                  "head; the reference is the base model with adapters disabled")
+    else:
+        method = (f"full fine-tuning in {args.dtype} with a float32 value head; the reference shares (stores once) "
+                  f"the policy's embeddings and first {num_shared_layers} blocks")
+    kl_control = f"adaptive, target {args.target_kl}" if args.adap_kl_ctrl else "fixed"
+    return f"""---
+base_model: {base}
+library_name: transformers
+pipeline_tag: text-generation
+tags:
+- detox
+- trl
+- ppo
+- reinforcement-learning
+- detoxification
+---
+
+# {os.path.basename(os.path.normpath(args.output_dir))}: {base} detoxified with PPO
+
+Trained with detox (`detoxify_ppo.py`, TRL 0.11.4's PPOTrainer) to write less toxic continuations.
+
+| | |
+|---|---|
+| base model | `{base}` |
+| prompts | `{args.dataset}` (split {args.dataset_split}), rows with prompt.toxicity > {args.toxicity_threshold}; \
+{args.test_fraction:.0%} held out (seed {args.seed}) |
+| queries / responses | {args.min_context_tokens}-{args.max_context_tokens} context tokens / \
+{args.min_new_tokens}-{args.max_new_tokens} sampled tokens (top_k 0, top_p 1.0) |
+| reward | raw logit of `{args.reward_label}` from `{args.reward_model}`, on the response text only |
+| method | {method} |
+| PPO | learning rate {args.learning_rate}, batch {args.batch_size}, mini-batch {args.mini_batch_size}, gradient \
+accumulation {args.gradient_accumulation_steps}, {args.ppo_epochs} PPO epochs, initial KL coefficient \
+{args.init_kl_coef} ({kl_control}) |
+| steps | {step} |
+| last step | mean reward {reward}, KL {kl} |
+
+The reward classifier is also the default scorer of `evaluate_toxicity.py`: judge the model with an
+independent classifier too (`--extra-toxicity-model`), and watch diversity and perplexity.
+
+## Evaluation
+
+{CARD_RESULTS_START}
+Not evaluated yet: `python evaluate_toxicity.py --models {base} THIS_FOLDER --update-model-card`
+{CARD_RESULTS_END}
+"""
