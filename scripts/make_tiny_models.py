@@ -1,12 +1,14 @@
 """Build tiny offline stand-ins for the hub assets: a policy, a toxicity classifier and sample data.
 
+Builds only what is missing (a minute or two on a CPU): complete folders are kept unless --force.
 No network is touched. The synthetic task mirrors the real one: prompts are plain sentences and
 half of the corpus continuations contain insult words; the classifier learns to flag those words
 (labels "nothate"/"hate", as in facebook/roberta-hate-speech-dynabench-r4-target); the policy is
 pretrained for seconds on the corpus, so about half of its samples are "toxic" before PPO.
 
-    python scripts/make_tiny_models.py tiny            # tiny/policy, tiny/classifier
+    python scripts/make_tiny_models.py tiny                   # tiny/policy, tiny/classifier
     python scripts/make_tiny_models.py tiny --data-dir data   # also rewrite the bundled sample data
+    python scripts/make_tiny_models.py tiny --force           # rebuild them (e.g. after changing --rows or --seed)
 """
 
 import argparse
@@ -14,16 +16,6 @@ import csv
 import json
 import os
 import random
-
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import (
-    GPTNeoConfig,
-    GPTNeoForCausalLM,
-    PreTrainedTokenizerFast,
-    RobertaConfig,
-    RobertaForSequenceClassification,
-)
 
 EOS = "<|endoftext|>"
 SUBJECTS = ["the cat", "my neighbour", "the teacher", "a driver", "the old man", "our team", "the bird", "his sister"]
@@ -58,6 +50,9 @@ def is_toxic_text(text):
 def build_tokenizer(texts, pad_token=None, wrap=False):
     """A byte-level BPE tokenizer (the GPT-2/RoBERTa kind) trained on texts; wrap=True adds the
     begin/end markers around every text as RoBERTa's <s> ... </s> do (so even "" is two tokens)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -76,6 +71,9 @@ def build_tokenizer(texts, pad_token=None, wrap=False):
 
 def build_policy(out_dir, texts, steps=300, seed=0):
     """A 4-block GPT-Neo pretrained on texts (no pad token, as for the real gpt-neo tokenizer)."""
+    import torch  # here, not at the top: a run that keeps complete models imports none of them
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(texts)
     eos = tokenizer.eos_token_id
@@ -107,6 +105,9 @@ def build_policy(out_dir, texts, steps=300, seed=0):
 
 def build_classifier(out_dir, texts, steps=150, seed=0):
     """A 2-layer RoBERTa classifier with labels {0: nothate, 1: hate}, trained to flag TOXIC words."""
+    import torch
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(texts, pad_token="<pad>", wrap=True)
     config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -167,19 +168,63 @@ def write_sample_data(data_dir, rows, seed=0):
             writer.writerow([f"{i:016x}", prompt + cont, int(toxic)])
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+# what a complete folder holds (save_pretrained of the model and its tokenizer)
+POLICY_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+CLASSIFIER_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+def is_complete(folder, files):
+    return all(os.path.isfile(os.path.join(folder, f)) and os.path.getsize(os.path.join(folder, f)) > 0 for f in files)
+
+
+def build_into(folder, build, *build_args, **build_kwargs):
+    """build(path, ...) into a sibling folder renamed to `folder` when done: an interrupted build leaves no
+    half-written folder that a later run would take for a complete one."""
+    import shutil
+
+    partial = folder.rstrip("/") + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    build(partial, *build_args, **build_kwargs)
+    if os.path.exists(folder):
+        shutil.rmtree(folder)
+    os.rename(partial, folder)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after each option; the description and examples as written."""
+
+
+def parse_args(argv=None):
+    summary, _, details = __doc__.partition("\n\n")
+    parser = argparse.ArgumentParser(description=summary, epilog=details, formatter_class=HelpFormatter)
     parser.add_argument("out_dir", help="folder that receives policy/ and classifier/")
     parser.add_argument("--data-dir", default=None, help="also write the sample datasets here")
     parser.add_argument("--rows", type=int, default=512, help="synthetic corpus rows")
     parser.add_argument("--seed", type=int, default=0, help="seed for corpus and training")
-    args = parser.parse_args()
+    parser.add_argument("--force", action="store_true",
+                        help="rebuild the models even if complete ones are in out_dir")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    policy, classifier = os.path.join(args.out_dir, "policy"), os.path.join(args.out_dir, "classifier")
+    todo = {name: folder for name, folder, files in (("policy", policy, POLICY_FILES),
+                                                     ("classifier", classifier, CLASSIFIER_FILES))
+            if args.force or not is_complete(folder, files)}
+    kept = [folder for name, folder in (("policy", policy), ("classifier", classifier)) if name not in todo]
+    if kept:
+        print(f"{' and '.join(kept)} already built: kept (--force rebuilds {'them' if len(kept) > 1 else 'it'})")
     rows = synthetic_corpus(args.rows, args.seed)
-    build_policy(os.path.join(args.out_dir, "policy"), [p + c for p, c, _ in rows], seed=args.seed)
-    build_classifier(os.path.join(args.out_dir, "classifier"), classifier_texts(rows, args.seed), seed=args.seed)
+    if "policy" in todo:
+        build_into(policy, build_policy, [p + c for p, c, _ in rows], seed=args.seed)
+    if "classifier" in todo:
+        build_into(classifier, build_classifier, classifier_texts(rows, args.seed), seed=args.seed)
     if args.data_dir:
         write_sample_data(args.data_dir, rows, args.seed)
-    print(f"wrote {args.out_dir}/policy and {args.out_dir}/classifier")
+        print(f"wrote the sample data to {args.data_dir}")
+    if todo:
+        print(f"wrote {' and '.join(todo.values())}")
 
 
 if __name__ == "__main__":
