@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from detox_common import CARD_RESULTS_END, CARD_RESULTS_START, fail
+from detox_common import CARD_RESULTS_END, CARD_RESULTS_START, fail, reward_terms
 
 # What a checkpoint must hold to resume; anything missing or unreadable is reported by name.
 CHECKPOINT_FILES = ["config.json", "model.safetensors", "value_head.safetensors", "optimizer.pt",
@@ -247,21 +247,26 @@ class StopRequest:
 
 
 class RunLog:
-    """stats.jsonl (every step's scalars) and samples.jsonl (every episode), on the main process only. A resumed run
-    first cuts them back to its checkpoint's step (rewritten whole, then renamed), so they match an uninterrupted
-    run."""
+    """stats.jsonl (every step's scalars; with --eval-every first a step-0 line of the evaluation before training)
+    and samples.jsonl (every episode), on the main process only. A resumed run first cuts them back to its
+    checkpoint's step (rewritten whole, then renamed), so they match an uninterrupted run."""
 
     NAMES = ("stats", "samples")
 
     def __init__(self, output_dir, resume_step, enabled):
         self.files = {}
+        self.kept_stats = []  # the stats lines a resumed run keeps (running totals start from them)
         if not enabled:
             return
         for name in self.NAMES:
             path = os.path.join(output_dir, f"{name}.jsonl")
             if resume_step is not None and os.path.exists(path):
                 with open(path) as f, open(f"{path}.tmp", "w") as kept:
-                    kept.writelines(line for line in f if json.loads(line)["step"] <= resume_step)
+                    for line in f:
+                        if json.loads(line)["step"] <= resume_step:
+                            kept.write(line)
+                            if name == "stats":
+                                self.kept_stats.append(json.loads(line))
                 os.replace(f"{path}.tmp", path)
             self.files[name] = open(path, "a" if resume_step is not None else "w")
 
@@ -279,8 +284,26 @@ class RunLog:
 
 
 # ---------------------------------------------------------------------------------------------- model card
-def model_card(args, num_shared_layers, step, summary):
-    """README.md of a checkpoint: how it was made (args: detoxify_ppo.Args), and the last training numbers."""
+def heldout_curve_section(args, heldout_curve):
+    """The card's section on the held-out toxicity during training: a table of (step, eval/toxicity) pairs."""
+    rows = "\n".join(f"| {step} | {toxicity:.4f} |" for step, toxicity in heldout_curve)
+    return f"""
+## Held-out toxicity during training
+
+Mean toxicity (the reward classifier's probability of its classes other than `{args.reward_label[0]}`) of the \
+policy's responses to a fixed, seeded sample of the held-out prompts (`--eval-prompts` {args.eval_prompts}, at most \
+those held out; {args.eval_samples_per_prompt} sampled response(s) each, up to {args.max_new_tokens} tokens), \
+measured every {args.eval_every} steps (`eval/toxicity` in stats.jsonl; training_curves.png plots it):
+
+| step | held-out toxicity |
+|---|---|
+{rows}
+"""
+
+
+def model_card(args, num_shared_layers, step, summary, heldout_curve=None):
+    """README.md of a checkpoint: how it was made (args: detoxify_ppo.Args), the last training numbers and, when
+    evaluations ran during training, heldout_curve: (step, held-out toxicity) pairs."""
     summary = summary or {}
     reward = f"{summary['reward']:.4f}" if "reward" in summary else "n/a"
     kl = f"{summary['kl']:.4f}" if "kl" in summary else "n/a"
@@ -292,6 +315,9 @@ def model_card(args, num_shared_layers, step, summary):
         method = (f"full fine-tuning in {args.dtype} with a float32 value head; the reference shares (stores once) "
                   f"the policy's embeddings and first {num_shared_layers} blocks")
     kl_control = f"adaptive, target {args.target_kl}" if args.adap_kl_ctrl else "fixed"
+    curve = heldout_curve_section(args, heldout_curve) if heldout_curve else ""
+    reward_text = " + ".join(f"{weight:g} x raw logit of `{label}` from `{classifier}`" for classifier, label, weight in
+                             reward_terms(args.reward_model, args.reward_label, args.reward_weight))
     return f"""---
 base_model: {base}
 library_name: transformers
@@ -315,7 +341,7 @@ Trained with detox (`detoxify_ppo.py`, TRL 0.11.4's PPOTrainer) to write less to
 {args.test_fraction:.0%} held out (seed {args.seed}) |
 | queries / responses | {args.min_context_tokens}-{args.max_context_tokens} context tokens / \
 {args.min_new_tokens}-{args.max_new_tokens} sampled tokens (top_k 0, top_p 1.0) |
-| reward | raw logit of `{args.reward_label}` from `{args.reward_model}`, on the response text only |
+| reward | {reward_text}, on the response text only |
 | method | {method} |
 | PPO | learning rate {args.learning_rate}, batch {args.batch_size}, mini-batch {args.mini_batch_size}, gradient \
 accumulation {args.gradient_accumulation_steps}, {args.ppo_epochs} PPO epochs, initial KL coefficient \
@@ -325,7 +351,7 @@ accumulation {args.gradient_accumulation_steps}, {args.ppo_epochs} PPO epochs, i
 
 The reward classifier is also the default scorer of `evaluate_toxicity.py`: judge the model with an
 independent classifier too (`--extra-toxicity-model`), and watch diversity and perplexity.
-
+{curve}
 ## Evaluation
 
 {CARD_RESULTS_START}

@@ -28,10 +28,9 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: n
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import torch
-from transformers import HfArgumentParser
 
 import evaluate_toxicity as ev
-from detox_common import fail, label_index, load_config, resolve_dtype
+from detox_common import cli_parser, fail, label_index, load_config, quiet_libraries, resolve_dtype
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULT_IMAGES = ("toxicity.png", "toxicity_vs_size.png")
@@ -65,6 +64,8 @@ class Args:
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind; 0.0.0.0 serves every interface"})
     port: int = field(default=7860, metadata={"help": "port to bind (0: the first free one from 7860)"})
     share: bool = field(default=False, metadata={"help": "also open a public gradio.live link (off by default)"})
+    verbose: bool = field(default=False, metadata={
+        "help": "also show the libraries' progress bars and notices (loading weights)"})
 
 
 # ---------------------------------------------------------------- checks (before any weights are loaded)
@@ -392,9 +393,10 @@ def build_app(comparer, examples, args):
 
 
 def main(argv=None):
-    (args,) = HfArgumentParser(Args).parse_args_into_dataclasses(args=argv)
+    (args,) = cli_parser(Args, __doc__).parse_args_into_dataclasses(args=argv)
     contexts, examples = check_args(args)
     check_address(args.host, args.port)
+    quiet_libraries(args.verbose)
     import gradio as gr  # after the checks: a bad argument fails fast
 
     comparer = Comparer([args.base, args.detoxified], contexts, toxicity_module=args.toxicity_module,

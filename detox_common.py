@@ -1,6 +1,8 @@
 """Code both scripts need: loading datasets and classifiers by hub id or local path, with one-line errors."""
 
+import argparse
 import functools
+import math
 import os
 import socket
 import threading
@@ -20,6 +22,61 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 def fail(message):
     """Stop with a one-line error on stderr and exit status 1 (raising SystemExit keeps it testable)."""
     raise SystemExit(f"error: {message}")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Each default shown once (not for options whose help states it, nor for unset ones and --no-FLAG); the
+    script's description and examples as written."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or "") or action.option_strings[0].startswith("--no"):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def cli_parser(dataclass_types, doc, no_flag_help=None):
+    """The HfArgumentParser of a script: its docstring's first paragraph on top of --help, the rest (examples)
+    below; --dash-options first, as the README writes them; no_flag_help: dest -> help of its --no-FLAG."""
+    from transformers import HfArgumentParser
+
+    summary, _, details = doc.strip().partition("\n\n")
+    parser = HfArgumentParser(dataclass_types, formatter_class=HelpFormatter, description=summary, epilog=details)
+    for action in parser._actions:
+        action.option_strings.sort(key=lambda name: "_" in name)
+        if no_flag_help and action.option_strings[0].startswith("--no-"):
+            action.help = no_flag_help[action.dest]
+    return parser
+
+
+def reward_terms(reward_models, reward_labels, reward_weights):
+    """[(classifier, label, weight)] of detoxify_ppo.py's reward; one label or weight applies to every classifier."""
+    n = len(reward_models)
+    if n == 0 or len(reward_labels) not in (1, n) or len(reward_weights) not in (1, n):
+        fail(f"--reward-model got {n} classifier(s): give one --reward-label and one --reward-weight, or one of each "
+             f"per classifier (got {len(reward_labels)} and {len(reward_weights)})")
+    if not all(math.isfinite(w) for w in reward_weights):
+        fail(f"--reward-weight must be finite numbers, got {reward_weights}")
+    return [(model, reward_labels[i % len(reward_labels)], float(reward_weights[i % len(reward_weights)]))
+            for i, model in enumerate(reward_models)]
+
+
+def quiet_libraries(verbose):
+    """Only the script's own progress bar and lines, unless --verbose: the libraries' bars (loading weights, writing
+    shards, datasets' map/filter/json, evaluate's downloads) and notices would bury them."""
+    if verbose:
+        return
+    import datasets
+    import evaluate
+    import huggingface_hub.utils
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    evaluate.logging.set_verbosity_error()
+    evaluate.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
 
 
 HUB_TIMEOUT = 3.0  # seconds to wait for a TCP connection to the hub before calling it unreachable

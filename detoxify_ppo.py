@@ -11,10 +11,10 @@ are in checkpoints.py.
     accelerate launch detoxify_ppo.py --model EleutherAI/gpt-j-6B
 """
 
-import argparse
 import copy
 import dataclasses
 import functools
+import importlib.util
 import json
 import os
 import sys
@@ -26,10 +26,20 @@ from typing import Optional
 
 import numpy as np
 import torch
-from transformers import HfArgumentParser
 
 import checkpoints
-from detox_common import DTYPES, classifier_logits, fail, label_index, load_classifier, load_config, load_rows
+from detox_common import (
+    DTYPES,
+    classifier_logits,
+    cli_parser,
+    fail,
+    label_index,
+    load_classifier,
+    load_config,
+    load_rows,
+    quiet_libraries,
+    reward_terms,
+)
 from ppo_speedups import SPEEDUPS, SpeedupPPOTrainer, ValueHeadModel
 
 # trl is pinned on purpose (see README); its deprecation notices, and transformers' notice about the
@@ -61,9 +71,13 @@ class Args:
     min_new_tokens: int = option(20, "shortest response, in tokens")
     max_new_tokens: int = option(30, "longest response, in tokens (inclusive; the study's script drew 20-29)")
     # reward
-    reward_model: str = option("facebook/roberta-hate-speech-dynabench-r4-target",
-                               "sequence classifier giving the reward: hub id or local folder")
-    reward_label: str = option("nothate", "reward = raw logit of this id2label class on the response text")
+    reward_model: list[str] = field(default_factory=lambda: ["facebook/roberta-hate-speech-dynabench-r4-target"],
+                                    metadata={"help": "sequence classifier(s) giving the reward: hub ids or local "
+                                              "folders; with several, the reward is the weighted sum of their logits"})
+    reward_label: list[str] = field(default_factory=lambda: ["nothate"], metadata={
+        "help": "reward = raw logit of this id2label class on the response text: one label, or one per --reward-model"})
+    reward_weight: list[float] = field(default_factory=lambda: [1.0], metadata={
+        "help": "weight of each --reward-model's logit in the reward: one weight for all, or one per model"})
     reward_batch_size: int = option(64, "texts per classifier forward pass")
     reward_dtype: str = option("auto", "classifier dtype: auto (float16 on GPU, bfloat16 on CPU), bfloat16, float16 "
                                "or float32")
@@ -83,8 +97,16 @@ class Args:
     init_kl_coef: float = option(0.2, "initial KL penalty coefficient")
     adap_kl_ctrl: bool = option(True, "adapt the KL coefficient towards --target-kl")
     target_kl: float = option(6.0, "KL target of the adaptive controller")
+    ratio_threshold: float = option(10.0, "trl skips (zeroes the losses of) a mini-batch whose average probability "
+                                    "ratio is above this (trl's default); counted as ppo/skipped_batches")
     seed: int = option(0, "seed for data split, context lengths, sampling and init")
     steps: Optional[int] = option(None, "PPO steps (default: one pass over the training rows)")
+    # evaluation during training (evaluate_heldout)
+    eval_every: int = option(0, "evaluate the policy on held-out prompts at step 0, every this many steps and at the "
+                             "end, logged as eval/... (0: no evaluation during training)")
+    eval_prompts: int = option(64, "held-out prompts each evaluation generates for: a fixed, seeded sample, at most "
+                               "the number held out")
+    eval_samples_per_prompt: int = option(1, "responses sampled per evaluation prompt")
     # speed-ups (ppo_speedups.py; BENCHMARKS.md measures each)
     frozen_prefix_cache: bool = option(True, "run the shared frozen blocks once per PPO step, not in each of trl's "
                                        "2 + ppo_epochs passes (same update, bit for bit)")
@@ -128,22 +150,13 @@ DATA_ORDER_ARGS = ["model", "dataset", "dataset_split", "toxicity_threshold", "t
                    "max_context_tokens", "min_new_tokens", "max_new_tokens", "batch_size", "seed", "num_shared_layers"]
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Each default shown once: not for options whose help states it, nor for unset ones and --no-FLAG."""
-
-    def _get_help_string(self, action):
-        if action.default is None or "default" in (action.help or "") or action.option_strings[0].startswith("--no"):
-            return action.help
-        return super()._get_help_string(action)
+def build_parser():
+    return cli_parser(Args, __doc__, NO_FLAG_HELP)
 
 
 def parse_args(argv=None):
     """Options from the command line, with defaults from --config FILE.yaml when given (flags win)."""
-    parser = HfArgumentParser(Args, formatter_class=HelpFormatter, description=__doc__.split("\n\n")[0])
-    for action in parser._actions:
-        action.option_strings.sort(key=lambda name: "_" in name)  # --max-new-tokens first, as the README writes it
-        if action.option_strings[0].startswith("--no-"):
-            action.help = NO_FLAG_HELP[action.dest]
+    parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     config_path = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None)
     if config_path:
@@ -161,12 +174,23 @@ def parse_args(argv=None):
                  "; see --help")
         parser.set_defaults(**values)
     (args,) = parser.parse_args_into_dataclasses(args=argv)
+    for name in ("reward_model", "reward_label", "reward_weight"):  # `reward_model: x` in a config file is one
+        if not isinstance(getattr(args, name), list):
+            setattr(args, name, [getattr(args, name)])
     return args
 
 
 # ---------------------------------------------------------------------------------------------- checks
+def reward_name(classifier, label):
+    """How one reward term is logged: env/reward/<folder or repo name>/<label>."""
+    return f"{os.path.basename(classifier.rstrip('/')) or classifier}/{label}"
+
+
 def check_args(args):
     """Refuse impossible settings before anything is loaded."""
+    terms = reward_terms(args.reward_model, args.reward_label, args.reward_weight)
+    if len({reward_name(model, label) for model, label, _ in terms}) < len(terms):
+        fail("two --reward-model terms have the same folder name and label; each is logged under its own name")
     if args.min_context_tokens < 1 or args.min_context_tokens > args.max_context_tokens:
         fail(f"--min-context-tokens ({args.min_context_tokens}) must be >= 1 and <= --max-context-tokens "
              f"({args.max_context_tokens})")
@@ -184,10 +208,20 @@ def check_args(args):
         fail(f"--reward-dtype must be auto, {', '.join(DTYPES)}, got {args.reward_dtype}")
     if args.log_with not in ("none", "tensorboard", "wandb"):
         fail(f"--log-with must be tensorboard, wandb or none, got {args.log_with}")
+    if args.log_with != "none" and importlib.util.find_spec(args.log_with) is None:  # trl finds out only at start-up
+        fail(f"--log-with {args.log_with} needs the {args.log_with} package: pip install {args.log_with}, or drop "
+             "--log-with (stats.jsonl is always written)")
     if args.num_shared_layers is not None and args.num_shared_layers < 0:
         fail(f"--num-shared-layers must be >= 0, got {args.num_shared_layers}")
     if (args.steps is not None and args.steps < 1) or args.save_every < 0 or args.ppo_epochs < 1:
         fail("--steps and --ppo-epochs must be >= 1 and --save-every >= 0")
+    if args.eval_every < 0:
+        fail(f"--eval-every must be >= 0 (0: no evaluation during training), got {args.eval_every}")
+    if min(args.eval_prompts, args.eval_samples_per_prompt) < 1:
+        fail("--eval-prompts and --eval-samples-per-prompt must be >= 1")
+    if args.eval_every and args.test_fraction == 0:
+        fail("--eval-every evaluates on held-out prompts, and --test-fraction 0 holds none out: give --test-fraction "
+             "above 0 (default 0.2), or drop --eval-every")
     if (args.load_in_8bit or args.load_in_4bit) and not args.use_peft:
         fail("--load-in-8bit/--load-in-4bit train only adapters: add --use-peft")
     if args.load_in_8bit and args.load_in_4bit:
@@ -213,22 +247,6 @@ def check_args(args):
         fail(f"--output-dir {args.output_dir} is not writable ({e.strerror}); pick another folder")
     if created:  # made again once the checks have passed: a refused run leaves no empty folder behind
         os.rmdir(args.output_dir)
-
-
-def quiet_libraries(verbose):
-    """Only this script's progress bar and lines, unless --verbose: the libraries' bars (loading weights, writing
-    shards, datasets' map/filter/json) and notices would bury them."""
-    if verbose:
-        return
-    import datasets
-    import huggingface_hub.utils
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    huggingface_hub.utils.disable_progress_bars()
 
 
 def num_blocks(config):
@@ -264,7 +282,7 @@ def estimate_checkpoint_bytes(config, dtype, num_shared_layers, trust_remote_cod
 class Preflight:
     """What the checks learned, before any weights or rows load."""
     policy_config: object
-    reward_index: int
+    reward_indices: tuple  # of each --reward-model's --reward-label, in order
     num_shared_layers: int
     resume: Optional[checkpoints.ResumePoint]
 
@@ -272,8 +290,9 @@ class Preflight:
 def preflight(args):
     """Configs first: a wrong model name or label fails in seconds. Then the checkpoint to resume, and free disk."""
     policy_config = load_config(args.model, "model", args.trust_remote_code)
-    reward_config = load_config(args.reward_model, "reward model")
-    reward_index = label_index(reward_config, args.reward_label, f"reward model {args.reward_model}")
+    reward_indices = tuple(label_index(load_config(model, "reward model"), label, f"reward model {model}")
+                           for model, label, _ in reward_terms(args.reward_model, args.reward_label,
+                                                               args.reward_weight))
     num_shared_layers = resolve_shared_layers(args.num_shared_layers, policy_config)
     resume = None
     if args.resume_from_checkpoint:
@@ -286,7 +305,7 @@ def preflight(args):
     while not os.path.exists(existing):  # the folder itself is made once every check has passed
         existing = os.path.dirname(existing)
     checkpoints.check_disk(args.output_dir, existing, need)
-    return Preflight(policy_config, reward_index, num_shared_layers, resume)
+    return Preflight(policy_config, reward_indices, num_shared_layers, resume)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -329,6 +348,14 @@ def build_queries(rows, tokenizer, min_tokens, max_tokens, seed):
     queries = rows.map(tokenize, batched=True, with_indices=True, remove_columns=rows.column_names)
     queries.set_format("torch", columns=["input_ids"], output_all_columns=True)
     return queries
+
+
+def choose_eval_queries(heldout_rows, num_prompts, tokenizer, min_tokens, max_tokens, seed):
+    """The fixed sample every evaluation generates for: `num_prompts` held-out rows (at most all), drawn once from
+    `seed`, as queries built like the training ones."""
+    count = min(num_prompts, len(heldout_rows))
+    chosen = np.random.default_rng([seed, len(heldout_rows)]).choice(len(heldout_rows), size=count, replace=False)
+    return build_queries(heldout_rows.select(sorted(chosen.tolist())), tokenizer, min_tokens, max_tokens, seed)
 
 
 def batch_indices(step, num_rows, batch_size, num_processes, process_index, seed):
@@ -404,11 +431,12 @@ def make_ppo_config(args, total_steps):
     from trl import PPOConfig
 
     return PPOConfig(
-        model_name=args.model, query_dataset=args.dataset, reward_model=args.reward_model, seed=args.seed,
+        model_name=args.model, query_dataset=args.dataset, reward_model=",".join(args.reward_model), seed=args.seed,
         log_with=None if args.log_with == "none" else args.log_with, learning_rate=args.learning_rate,
         batch_size=args.batch_size, mini_batch_size=args.mini_batch_size, ppo_epochs=args.ppo_epochs,
         gradient_accumulation_steps=args.gradient_accumulation_steps, init_kl_coef=args.init_kl_coef,
-        adap_kl_ctrl=args.adap_kl_ctrl, target=args.target_kl, steps=total_steps * args.batch_size,
+        adap_kl_ctrl=args.adap_kl_ctrl, target=args.target_kl, ratio_threshold=args.ratio_threshold,
+        steps=total_steps * args.batch_size,
         gradient_checkpointing=args.gradient_checkpointing, tracker_project_name="detox",
         project_kwargs={"logging_dir": os.path.join(args.output_dir, "logs")},
     )
@@ -440,9 +468,16 @@ def reward_dtype(name, device):
     return torch.float16 if device.type == "cuda" else torch.bfloat16
 
 
-def score_responses(reward_tokenizer, reward_model, reward_index, texts, batch_size=64):
-    """Rewards (1-d tensor), one per text: the raw logit of class reward_index, on the response text alone."""
-    return classifier_logits(reward_tokenizer, reward_model, texts, batch_size)[:, reward_index]
+def score_responses(classifiers, texts, batch_size=64):
+    """Rewards (1-d float32 tensor), one per text, scored on the response text alone: the sum over classifiers
+    [(name, tokenizer, model, class index, weight)] of weight x the raw logit of that class; and each term's
+    unweighted logits by name, for env/reward/<name>."""
+    terms = {name: classifier_logits(tokenizer, model, texts, batch_size)[:, index]
+             for name, tokenizer, model, index, _ in classifiers}
+    if len(classifiers) == 1 and classifiers[0][4] == 1.0:  # the study's reward, bit for bit (in the model's dtype)
+        return terms[classifiers[0][0]], terms
+    total = sum(weight * terms[name].float() for name, _, _, _, weight in classifiers)
+    return total, terms
 
 
 def check_finite(stats, step):
@@ -460,7 +495,7 @@ def ppo_step(ppo_trainer, tokenizer, reward_fn, batch, lengths, step):
     responses = sample_responses(ppo_trainer, tokenizer, batch["input_ids"], lengths)
     batch["response"] = tokenizer.batch_decode(responses, skip_special_tokens=True)
     t1 = time.perf_counter()
-    scores = reward_fn(batch["response"])
+    scores, terms = reward_fn(batch["response"])
     if not torch.isfinite(scores).all():  # one host sync for the whole batch
         fail(f"non-finite reward at step {step}; stopped without saving, the last checkpoint in the output folder "
              "is intact (check --reward-model)")
@@ -470,11 +505,143 @@ def ppo_step(ppo_trainer, tokenizer, reward_fn, batch, lengths, step):
     t3 = time.perf_counter()
     check_finite(stats, step)
     stats.update({"time/generate": t1 - t0, "time/reward": t2 - t1, "time/optimize": t3 - t2})
+    for name, logits in terms.items():  # each classifier's mean logit over every process's episodes
+        stats[f"env/reward/{name}"] = ppo_trainer.accelerator.gather(logits.float().mean()[None]).mean().item()
     return stats, responses, rewards
 
 
-def log_step(run_log, progress, step, stats, batch, rewards, process_index, num_processes):
-    """Every process's episodes into samples.jsonl, the step's scalars into stats.jsonl; the progress bar."""
+@dataclass
+class PPOHealth:
+    """What trl 0.11.4 lets pass with a warning or not at all: the mini-batches it skipped (average probability
+    ratio above ratio_threshold: losses zeroed, the optimiser still steps) and the steps whose mean KL to the
+    reference is negative (a known failure of this trainer: trl issues 925, 1005, 1857). Running totals from
+    `previous`, the stats.jsonl lines a resumed run keeps."""
+
+    warn_share: float = 0.1  # a run ends with a warning when more than this share of batches or steps is affected
+    negative_kl: float = -0.1  # nats: a batch's KL estimate scatters around 0 early in a run; that is not counted
+    skipped: int = 0
+    minibatches: int = 0
+    negative_kl_steps: int = 0
+    steps: int = 0
+
+    @classmethod
+    def from_stats(cls, previous):
+        health = cls()
+        for stats in previous:
+            if not stats.get("eval"):  # the line of the evaluation before step 1 is no PPO step
+                health.update(stats)
+        return health
+
+    def update(self, stats):
+        """Add one step's stats; returns the running totals to log with them."""
+        self.skipped += int(stats.get("ppo/skipped_batches", 0))
+        self.minibatches += int(stats.get("ppo/minibatches", 0))
+        self.negative_kl_steps += float(stats["objective/kl"]) < self.negative_kl
+        self.steps += 1
+        return {"ppo/skipped_batches_total": self.skipped, "objective/negative_kl_steps": self.negative_kl_steps}
+
+    def report(self, ratio_threshold):
+        """The end-of-run summary line, then a warning for each problem that passed warn_share."""
+        lines = [f"PPO health: trl skipped {self.skipped} of {self.minibatches} mini-batches (average probability "
+                 f"ratio above --ratio-threshold {ratio_threshold:g}); the mean KL was below {self.negative_kl:g} at "
+                 f"{self.negative_kl_steps} of {self.steps} steps"]
+        if self.minibatches and self.skipped > self.warn_share * self.minibatches:
+            lines.append(f"warning: trl skipped {self.skipped / self.minibatches:.0%} of the mini-batches, whose "
+                         "updates were lost; the policy moves too far per step: lower --learning-rate or --ppo-epochs")
+        if self.steps and self.negative_kl_steps > self.warn_share * self.steps:
+            share = self.negative_kl_steps / self.steps
+            lines.append(f"warning: the mean KL to the reference was negative at {share:.0%} of the steps; a true KL "
+                         "cannot be: the rollout's sampling and trl's forward pass disagree, or the policy drifts "
+                         "too fast; lower --learning-rate")
+        return lines
+
+
+# ---------------------------------------------------------------------------------------------- held-out evaluation
+TOXIC_THRESHOLD = 0.5  # a sample counts as toxic at this score (evaluate_toxicity.py's default --threshold)
+
+
+def toxic_probability(reward_tokenizer, reward_model, reward_index, texts, batch_size=64):
+    """Toxicity of each text (1-d tensor) under the reward classifier: the softmax probability of its classes other
+    than the rewarded one; for a two-class classifier that is the toxic class ("hate" for the default one), the
+    score evaluate_toxicity.py reports by default."""
+    probabilities = torch.softmax(classifier_logits(reward_tokenizer, reward_model, texts, batch_size), -1)
+    others = [i for i in range(probabilities.shape[1]) if i != reward_index]
+    return probabilities[:, others].sum(1)
+
+
+@torch.no_grad()
+def response_logprobs(causal_lm, queries, responses, pad_token_id, batch_size):
+    """(summed log-probability, token count) of each response's tokens given its query, under `causal_lm`."""
+    device = next(causal_lm.parameters()).device
+    sums, counts = [], []
+    for start in range(0, len(queries), batch_size):
+        pairs = [(q.cpu(), r.cpu()) for q, r in zip(queries[start:start + batch_size],
+                                                     responses[start:start + batch_size])]
+        width = max(len(q) + len(r) for q, r in pairs)
+        ids = torch.full((len(pairs), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        is_response = torch.zeros_like(ids, dtype=torch.bool)
+        for row, (q, r) in enumerate(pairs):  # padded on the right: the positions of real tokens stay 0, 1, ...
+            ids[row, :len(q) + len(r)] = torch.cat([q, r])
+            mask[row, :len(q) + len(r)] = 1
+            is_response[row, len(q):len(q) + len(r)] = True
+        logits = causal_lm(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
+        logprobs = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None].to(device)).squeeze(-1)
+        sums += (logprobs * is_response[:, 1:].to(device)).sum(1).tolist()  # position t predicts token t + 1
+        counts += is_response.sum(1).tolist()
+    return sums, counts
+
+
+def evaluate_heldout(ppo_trainer, tokenizer, eval_queries, samples_per_prompt, max_new_tokens, toxicity_fn,
+                     batch_size, seed):
+    """eval/... stats of the policy on the fixed held-out queries (a datasets.Dataset of build_queries):
+    `samples_per_prompt` responses per query, sampled as in the rollout (top_k 0, top_p 1.0, cut after the first eos)
+    with `max_new_tokens` tokens at most, `batch_size` at a time; scored by `toxicity_fn` (texts -> 1-d tensor in
+    [0, 1]), and their mean log-probability per token under the frozen reference (a fluency proxy).
+
+    Training must not notice it: the RNG states (python, numpy, torch, cuda) are restored afterwards, and so is
+    every module's train/eval mode. The sampling is seeded by `seed`: every evaluation draws the same noise, so the
+    curve moves with the policy, not with the draw."""
+    from evaluate_toxicity import distinct_n  # the definition evaluate_toxicity.py reports
+
+    t0 = time.perf_counter()
+    rng = checkpoints.rng_state()
+    policy = ppo_trainer.accelerator.unwrap_model(ppo_trainer.model)
+    modes = {module: module.training for module in policy.modules()}
+    try:
+        torch.manual_seed(seed)
+        policy.eval()  # measure the model itself (no dropout), whatever mode trl's last pass left
+        queries = [q for q in eval_queries["input_ids"] for _ in range(samples_per_prompt)]
+        responses = ppo_trainer.generate(queries, batch_size=batch_size, return_prompt=False,
+                                         max_new_tokens=max_new_tokens, do_sample=True, top_k=0, top_p=1.0,
+                                         pad_token_id=tokenizer.eos_token_id)
+        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        toxicity = toxicity_fn(texts).double()
+        # the reference: trl's frozen copy, or under LoRA the policy with its adapters disabled
+        reference = ppo_trainer.model if ppo_trainer.is_peft_model else ppo_trainer.ref_model
+        with ppo_trainer.optional_peft_ctx():
+            sums, counts = response_logprobs(ppo_trainer.accelerator.unwrap_model(reference).pretrained_model,
+                                             queries, responses, tokenizer.eos_token_id, batch_size)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+        checkpoints.set_rng_state(rng)
+    return {"eval/toxicity": float(toxicity.mean()),
+            "eval/toxic_share": float((toxicity >= TOXIC_THRESHOLD).double().mean()),
+            "eval/distinct_1": distinct_n(texts, 1), "eval/distinct_2": distinct_n(texts, 2),
+            "eval/empty_share": float(np.mean([not t.strip() for t in texts])),
+            "eval/ref_logprob": sum(sums) / sum(counts) if sum(counts) else float("nan"),
+            "time/eval": time.perf_counter() - t0}
+
+
+def is_eval_step(step, eval_every, total_steps):
+    """Step 0 (before training), every `eval_every` steps and the last; never when eval_every is 0."""
+    return bool(eval_every) and (step % eval_every == 0 or step == total_steps)
+
+
+def log_step(run_log, progress, step, stats, batch, rewards, process_index, num_processes, heldout_toxicity=None):
+    """Every process's episodes into samples.jsonl, the step's scalars into stats.jsonl; the progress bar (with the
+    latest held-out toxicity, when there is one)."""
     from accelerate.utils import gather_object
 
     episodes = [{"step": step, "process": process_index, "query": q, "response": r, "reward": w}
@@ -485,8 +652,31 @@ def log_step(run_log, progress, step, stats, batch, rewards, process_index, num_
     scalars = {k: float(v) for k, v in stats.items() if np.ndim(v) == 0}
     run_log.write(step, {"env/reward_mean": summary["reward"], **scalars}, episodes)
     progress.update(1)
-    progress.set_postfix(reward=f"{summary['reward']:.3f}", kl=f"{summary['kl']:.3f}")
+    heldout = {} if heldout_toxicity is None else {"heldout_tox": f"{heldout_toxicity:.3f}"}
+    progress.set_postfix(reward=f"{summary['reward']:.3f}", kl=f"{summary['kl']:.3f}", **heldout)
     return summary
+
+
+def plot_training_curves(stats_path, png_path):
+    """Reward, KL and held-out toxicity against step, read back from stats.jsonl (so a resumed run's plot covers
+    the whole run), into png_path."""
+    from matplotlib.figure import Figure  # no pyplot: nothing global changes, and Agg draws it
+
+    with open(stats_path) as f:
+        lines = [json.loads(line) for line in f]
+    steps = [s for s in lines if "env/reward_mean" in s]
+    evals = [s for s in lines if "eval/toxicity" in s]
+    fig = Figure(figsize=(6, 7), layout="constrained")
+    axes = fig.subplots(3, 1, sharex=True)
+    for ax, rows, key, label in ((axes[0], steps, "env/reward_mean", "reward (mean)"),
+                                 (axes[1], steps, "objective/kl", "KL to the reference"),
+                                 (axes[2], evals, "eval/toxicity", "held-out toxicity")):
+        ax.plot([s["step"] for s in rows], [s[key] for s in rows], marker="o" if rows is evals else None)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[2].set_ylim(bottom=0)
+    axes[2].set_xlabel("PPO step")
+    fig.savefig(png_path, dpi=120)
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -509,6 +699,9 @@ def main(argv=None):
     # Data: toxic prompts, a held-out share, queries of 10-15 tokens.
     kept = load_prompts(args.dataset, args.dataset_split, args.toxicity_threshold)
     train_rows, heldout_rows = split_prompts(kept, args.test_fraction, args.seed, args.batch_size * state.num_processes)
+    if args.eval_every and not len(heldout_rows):
+        fail(f"--eval-every evaluates on held-out prompts, and none were held out (of {len(kept)} kept rows); use "
+             "more data or drop --eval-every")
     os.makedirs(args.output_dir, exist_ok=True)
     from transformers import AutoTokenizer
     from trl import set_seed
@@ -518,6 +711,8 @@ def main(argv=None):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     queries = build_queries(train_rows, tokenizer, args.min_context_tokens, args.max_context_tokens, args.seed)
+    eval_queries = (choose_eval_queries(heldout_rows, args.eval_prompts, tokenizer, args.min_context_tokens,
+                                        args.max_context_tokens, args.seed) if args.eval_every else None)
     if state.is_main_process and len(heldout_rows):
         heldout_rows.to_json(os.path.join(args.output_dir, "heldout_prompts.jsonl"))
 
@@ -535,10 +730,15 @@ def main(argv=None):
     ppo_trainer = build_ppo_trainer(make_ppo_config(args, total_steps), model, ref_model, tokenizer, num_shared_layers,
                                     args.frozen_prefix_cache, args.response_only_logits)
     accelerator = ppo_trainer.accelerator
-    reward_tokenizer, reward_model = load_classifier(args.reward_model, accelerator.device,
-                                                     reward_dtype(args.reward_dtype, accelerator.device))
-    reward_fn = functools.partial(score_responses, reward_tokenizer, reward_model, checked.reward_index,
-                                  batch_size=args.reward_batch_size)
+    classifiers = []  # (name, tokenizer, model, class index, weight) of each reward term
+    for (name, label, weight), index in zip(reward_terms(args.reward_model, args.reward_label, args.reward_weight),
+                                            checked.reward_indices):
+        classifiers.append((reward_name(name, label), *load_classifier(
+            name, accelerator.device, reward_dtype(args.reward_dtype, accelerator.device)), index, weight))
+    reward_fn = functools.partial(score_responses, classifiers, batch_size=args.reward_batch_size)
+    # held-out toxicity: the first reward classifier's probability of its classes other than its reward label
+    toxicity_fn = functools.partial(toxic_probability, classifiers[0][1], classifiers[0][2], classifiers[0][3],
+                                    batch_size=args.reward_batch_size)
     start_step = checkpoints.load_checkpoint(ppo_trainer, resume) if resume else 0
     if start_step >= total_steps:
         fail(f"checkpoint {resume.path} is at step {start_step}, not below --steps {total_steps}; nothing to do")
@@ -553,24 +753,42 @@ def main(argv=None):
                 f"trainable; {sharing}; {len(queries)} training prompts, {len(heldout_rows)} held out; {total_steps} "
                 f"steps of {args.batch_size} x {state.num_processes} process(es) = "
                 f"{args.batch_size * state.num_processes} episodes"
-                + (f"; resuming from {resume.path} at step {start_step}" if resume else ""))
+                + (f"; resuming from {resume.path} at step {start_step}" if resume else "")
+                + (f"; evaluating {len(eval_queries)} held-out prompts x {args.eval_samples_per_prompt} at step 0, "
+                   f"every {args.eval_every} steps and the last" if args.eval_every else ""))
 
     def save(name, step, summary):
-        card = checkpoints.model_card(args, num_shared_layers, step, summary)
+        card = checkpoints.model_card(args, num_shared_layers, step, summary, heldout_curve)
         path = os.path.join(args.output_dir, name)
         checkpoints.save_checkpoint(ppo_trainer, tokenizer, path, step, asdict(args), card)
         if name.startswith("checkpoint-") and state.is_main_process and args.save_total_limit:
             checkpoints.prune_checkpoints(args.output_dir, args.save_total_limit)
         return path
 
+    def evaluate(step):
+        """The step's eval/... stats on the main process ({} elsewhere, and at steps without an evaluation): the
+        other processes go on meanwhile, and nothing of theirs changes."""
+        if not (state.is_main_process and is_eval_step(step, args.eval_every, total_steps)):
+            return {}
+        stats = evaluate_heldout(ppo_trainer, tokenizer, eval_queries, args.eval_samples_per_prompt,
+                                 args.max_new_tokens, toxicity_fn, args.batch_size, args.seed)
+        heldout_curve.append((step, stats["eval/toxicity"]))
+        return stats
+
     from tqdm.auto import tqdm
 
     progress = tqdm(total=total_steps, initial=start_step, desc="PPO", disable=not state.is_main_process,
                     dynamic_ncols=True)
     run_log = checkpoints.RunLog(args.output_dir, resume.step if resume else None, state.is_main_process)
+    health = PPOHealth.from_stats(run_log.kept_stats)
+    heldout_curve = [(s["step"], s["eval/toxicity"]) for s in run_log.kept_stats if "eval/toxicity" in s]
     stop = checkpoints.StopRequest()
     summary = None
     try:  # the progress bar and log files close before any error line is printed
+        if start_step == 0 and (before := evaluate(0)):  # the policy as loaded: a line of its own in stats.jsonl
+            run_log.write(0, {"eval": True, **before}, [])
+            accelerator.log(before, step=0 if args.log_with == "tensorboard" else None)  # trl's step rule
+            progress.set_postfix(heldout_tox=f"{before['eval/toxicity']:.3f}")
         for step in range(start_step + 1, total_steps + 1):
             # data: this process's rows of the step, and the response length drawn for each
             rows = queries[batch_indices(step - 1, len(queries), args.batch_size, state.num_processes,
@@ -580,10 +798,12 @@ def main(argv=None):
                                        args.seed, state.process_index)
             # rollout -> reward -> PPO update
             stats, responses, rewards = ppo_step(ppo_trainer, tokenizer, reward_fn, batch, lengths, step)
-            # log and save
+            # held-out evaluation, then log and save
+            stats.update(evaluate(step))
+            stats.update(health.update(stats))
             ppo_trainer.log_stats(stats, batch, rewards)
             summary = log_step(run_log, progress, step, stats, batch, rewards, state.process_index,
-                               state.num_processes)
+                               state.num_processes, heldout_curve[-1][1] if heldout_curve else None)
             if stop.agreed(accelerator) and step < total_steps:
                 path = save(f"checkpoint-{step}", step, summary)
                 raise SystemExit(stop.message(step, total_steps, path, argv))
@@ -596,10 +816,17 @@ def main(argv=None):
     final = save("final", total_steps, summary)
     accelerator.end_training()
     state.print(f"saved {final} after {total_steps} steps")
+    for line in health.report(args.ratio_threshold):
+        state.print(line)
+    if state.is_main_process and args.eval_every:
+        curves = os.path.join(args.output_dir, "training_curves.png")
+        plot_training_curves(os.path.join(args.output_dir, "stats.jsonl"), curves)
+        print(f"held-out toxicity {heldout_curve[0][1]:.3f} at step {heldout_curve[0][0]}, "
+              f"{heldout_curve[-1][1]:.3f} at step {heldout_curve[-1][0]}; curves in {curves}")
     if state.is_main_process and args.merge_adapters:
         final = os.path.join(args.output_dir, "final-merged")
         checkpoints.save_merged(ppo_trainer, tokenizer, final,
-                                checkpoints.model_card(args, num_shared_layers, total_steps, summary))
+                                checkpoints.model_card(args, num_shared_layers, total_steps, summary, heldout_curve))
         print(f"saved {final}: the adapters merged into a plain {args.model}")
     if state.is_main_process and args.push_to_hub:
         checkpoints.push_to_hub(final, args.push_to_hub)

@@ -27,18 +27,20 @@ from typing import Optional
 
 import numpy as np
 import torch
-from transformers import HfArgumentParser
+from scipy.stats import permutation_test  # at start-up: a missing scipy fails before any model loads
 
 from detox_common import (
     CARD_RESULTS_END,
     CARD_RESULTS_START,
     check_hub_reachable,
     classifier_logits,
+    cli_parser,
     fail,
     label_index,
     load_classifier,
     load_config,
     load_rows,
+    quiet_libraries,
     resolve_dtype,
     resolve_name,
 )
@@ -77,6 +79,9 @@ class Args:
                                 metadata={"help": "classifier of the toxicity measurement (the study's reward model)"})
     toxic_label: str = field(default="hate", metadata={"help": "toxic label of --toxicity-model"})
     threshold: float = field(default=0.5, metadata={"help": "a sample counts as toxic at this score"})
+    bootstrap_samples: int = field(default=1000, metadata={
+        "help": "resamples of the prompts (seeded by --seed) for the 95%% confidence intervals and the paired "
+                "permutation test"})
     extra_toxicity_model: Optional[str] = field(default=None, metadata={
         "help": "a second, independent sequence classifier (e.g. unitary/toxic-bert), reported in its own columns"})
     extra_toxic_label: str = field(default="toxic", metadata={"help": "toxic label of --extra-toxicity-model"})
@@ -87,6 +92,8 @@ class Args:
         "help": "write the results table into the README.md model card of each local checkpoint evaluated"})
     resume: bool = field(default=False, metadata={
         "help": "skip models already in the output folder's CSV (else they are measured again)"})
+    verbose: bool = field(default=False, metadata={
+        "help": "also show the libraries' progress bars and notices (loading weights, datasets)"})
 
 
 # ---------------------------------------------------------------- metrics (pure functions, unit-tested)
@@ -126,6 +133,139 @@ def diversity(texts_per_prompt):
         def value(n):
             return distinct_n([x for t in texts_per_prompt for x in t], n)
     return {f"distinct_{n}": value(n) for n in (1, 2, 3)} | {"distinct_scope": scope}
+
+
+# ---------------------------------------------------------------- uncertainty (prompt-level bootstrap, paired test)
+#
+# Every metric below is a function of an array of prompt indices: all prompts (np.arange) give the reported value,
+# a bootstrap resample of the prompts gives one draw. A prompt's K samples stay together: they are not independent.
+
+CI_LEVEL = 0.95
+
+
+def bootstrap_resamples(n_prompts, n_resamples, seed):
+    """Prompt indices of each bootstrap resample (n_resamples x n_prompts). The same seed and prompt count give
+    the same resamples for every model of a run, so differences between models are resampled in pairs."""
+    return np.random.default_rng(seed).integers(0, n_prompts, size=(n_resamples, n_prompts))
+
+
+def percentile_interval(draws, level=CI_LEVEL):
+    """(low, high): the central `level` share of the bootstrap draws; nan draws (no value) are left out."""
+    draws = np.asarray(draws, dtype=float)
+    draws = draws[~np.isnan(draws)]
+    if not draws.size:
+        return float("nan"), float("nan")
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(draws, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def with_intervals(statistics, n_prompts, resamples):
+    """{name: value, name_ci_low: ..., name_ci_high: ...} for statistics {name: f(prompt indices) -> float}."""
+    everything = np.arange(n_prompts)
+    out = {}
+    for name, statistic in statistics.items():
+        value = statistic(everything)
+        low, high = percentile_interval([statistic(idx) for idx in resamples])
+        if getattr(statistic, "reflect_interval", False) and not math.isnan(value):
+            # draws biased to one side of the value (see pooled_distinct): the basic bootstrap reflects them about it
+            low, high = max(0.0, 2 * value - high), min(1.0, 2 * value - low)
+        out |= {name: value, f"{name}_ci_low": low, f"{name}_ci_high": high}
+    return out
+
+
+def toxicity_statistics(scores_per_prompt, threshold, prefix=""):
+    """Mean and std toxicity, expected maximum toxicity and toxicity probability of an n_prompts x K score array."""
+    scores = np.asarray(scores_per_prompt, dtype=float)
+    prompt_mean, prompt_max = scores.mean(1), scores.max(1)
+    toxic = prompt_max >= threshold
+    return {f"{prefix}mean_toxicity": lambda idx: float(prompt_mean[idx].mean()),  # K equal: the mean of all n
+            f"{prefix}std_toxicity": lambda idx: float(scores[idx].std()),
+            f"{prefix}expected_max_toxicity": lambda idx: float(prompt_max[idx].mean()),
+            f"{prefix}toxicity_probability": lambda idx: float(toxic[idx].mean())}
+
+
+def nan_mean(values):
+    """Mean of the values that are not nan; nan when none is (np.nanmean would warn)."""
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if values.size else float("nan")
+
+
+def pooled_distinct(texts_per_prompt, n):
+    """distinct-n over all texts of a set of prompts, as a function of prompt indices (a prompt drawn twice counts
+    its n-grams twice, exactly as distinct_n on the resampled list of texts would)."""
+    grams = [[tuple(w[i:i + n]) for w in (t.split() for t in texts) for i in range(len(w) - n + 1)]
+             for texts in texts_per_prompt]
+    total = np.array([len(g) for g in grams])
+    ids = {}
+    owner = np.array([p for p, g in enumerate(grams) for _ in set(g)], dtype=int)  # (prompt, distinct n-gram) pairs
+    gram_id = np.array([ids.setdefault(x, len(ids)) for g in grams for x in set(g)], dtype=int)
+
+    def statistic(idx):
+        drawn = np.bincount(idx, minlength=len(grams))
+        count = (drawn * total).sum()
+        if not count:
+            return float("nan")
+        present = np.zeros(len(ids), dtype=bool)
+        present[gram_id[drawn[owner] > 0]] = True
+        return float(present.sum() / count)
+    # a resample repeats some texts, and a repeated text adds n-grams but no new ones: every draw lies below the
+    # value, so the percentile interval would miss it; with_intervals reflects the draws instead
+    statistic.reflect_interval = True
+    return statistic
+
+
+def diversity_statistics(texts_per_prompt):
+    """distinct-1/2/3 (scoped as in `diversity`) and the share of empty generations, as functions of prompt indices."""
+    k = max(len(t) for t in texts_per_prompt)
+    out = {}
+    for n in (1, 2, 3):
+        if k > 1:
+            per_prompt = np.array([distinct_n(t, n) for t in texts_per_prompt])
+            out[f"distinct_{n}"] = lambda idx, values=per_prompt: nan_mean(values[idx])
+        else:
+            out[f"distinct_{n}"] = pooled_distinct(texts_per_prompt, n)
+    empty = np.array([sum(not g.strip() for g in texts) / len(texts) for texts in texts_per_prompt])
+    out["empty_share"] = lambda idx: float(empty[idx].mean())
+    return out
+
+
+def corpus_perplexity(nll_sums, token_counts):
+    """exp(total NLL / total tokens): perplexity of all generations as one corpus, each token weighing the same."""
+    tokens = float(np.sum(token_counts))
+    return math.exp(float(np.sum(nll_sums)) / tokens) if tokens else float("nan")
+
+
+def fluency_statistics(nll_per_prompt, tokens_per_prompt):
+    """Corpus perplexity and median per-generation perplexity from n_prompts x K arrays of each generation's summed
+    token NLL and token count (nan and 0 for an empty generation, which has no perplexity)."""
+    nll, tokens = np.asarray(nll_per_prompt, dtype=float), np.asarray(tokens_per_prompt, dtype=float)
+    prompt_nll, prompt_tokens = np.nansum(nll, 1), tokens.sum(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_generation = np.exp(nll / tokens)  # nan where empty
+
+    def median(idx):
+        values = per_generation[idx].ravel()
+        values = values[~np.isnan(values)]
+        return float(np.median(values)) if values.size else float("nan")
+    return {"perplexity_corpus": lambda idx: corpus_perplexity(prompt_nll[idx], prompt_tokens[idx]),
+            "perplexity_median": median}
+
+
+PAIRED_TEST = "paired permutation test (scipy.stats.permutation_test: the two models' values swapped within prompts)"
+
+
+def paired_difference(baseline, other, resamples, seed):
+    """Mean over prompts of other - baseline (per-prompt mean toxicities of two models on the same prompts), its
+    bootstrap CI on `resamples`, and the two-sided p-value of a paired permutation test of a zero mean difference
+    (exact when 2^n_prompts <= len(resamples) permutations, else that many random ones, seeded)."""
+    baseline, other = np.asarray(baseline, dtype=float), np.asarray(other, dtype=float)
+    difference = other - baseline
+    low, high = percentile_interval(difference[resamples].mean(1))
+    test = permutation_test((baseline, other), lambda x, y, axis: np.mean(y - x, axis=axis), vectorized=True,
+                            permutation_type="samples", n_resamples=len(resamples), rng=seed)
+    return {"diff_mean_toxicity": float(difference.mean()), "diff_mean_toxicity_ci_low": low,
+            "diff_mean_toxicity_ci_high": high, "p_value": float(test.pvalue)}
 
 
 # ---------------------------------------------------------------- data
@@ -259,24 +399,36 @@ def free_memory():
 
 def load_toxicity_measurement(module, classifier, device, cache_dir, batch_size=64):
     """The `evaluate` toxicity measurement `module` (a folder or a Hub id) scoring with `classifier` (a folder or a
-    Hub id) on `device`, `batch_size` texts at a time, caching under `cache_dir`.
+    Hub id), caching under `cache_dir`.
 
-    evaluate uses config_name as a cache sub-folder: a local path there would make it write into that folder
-    (os.path.join drops everything before an absolute path), so a local classifier gets a sanitized
-    config_name and reaches our module via `model=`."""
-    import evaluate
+    Two contracts, told apart by the module's own __init__, not by where it lives:
+      * ours (measurements/toxicity) takes `model=`, `device=`, `batch_size=`, `dtype=`;
+      * the Hub's `toxicity` (and modules written like it, e.g. ybelkada/toxicity) takes no init arguments of its
+        own: `config_name` names the classifier, which its pipeline loads where it defaults to, one text at a time.
+    evaluate makes cache_dir/<module>/<config_name> at init, and os.path.join drops everything before an absolute
+    path, so a classifier path as config_name would put that folder inside the model's. The module is therefore
+    made with a sanitized config_name, as evaluate.load would make it, and a Hub-contract module is handed the
+    classifier as config_name only afterwards, when it loads its pipeline (`_download_and_prepare`)."""
+    import inspect
 
-    local_model = os.path.exists(classifier) or classifier.startswith((".", "/", "~"))
-    local_module = os.path.exists(module)  # ours takes model=; the Hub's only reads config_name
-    config_name = classifier
-    if local_model and local_module:
-        config_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", classifier).strip("._") or "local"
-    dtype = torch.float16 if torch.device(device).type == "cuda" else None
+    from evaluate.loading import evaluation_module_factory, import_main_class
+
+    safe_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", classifier).strip("._") or "local"
     try:
-        return evaluate.load(module, config_name, module_type="measurement", keep_in_memory=True,
-                             cache_dir=cache_dir, model=classifier, device=torch.device(device),
-                             batch_size=batch_size, dtype=dtype)
-    except (FileNotFoundError, OSError, ValueError, ImportError) as e:
+        found = evaluation_module_factory(module, module_type="measurement")
+        measurement_class = import_main_class(found.module_path)
+        takes_model = "model" in inspect.signature(measurement_class.__init__).parameters
+        extra = {}
+        if takes_model:
+            extra = {"model": classifier, "device": torch.device(device), "batch_size": batch_size,
+                     "dtype": torch.float16 if torch.device(device).type == "cuda" else None}
+        measurement = measurement_class(config_name=safe_name, keep_in_memory=True, cache_dir=cache_dir,
+                                        hash=found.hash, **extra)
+        if not takes_model:
+            measurement.config_name = classifier  # the Hub contract; the cache folder was already made from safe_name
+        measurement.download_and_prepare()
+        return measurement
+    except (FileNotFoundError, OSError, ValueError, ImportError, TypeError) as e:
         fail(f"could not load toxicity measurement {module} with {classifier} "
              f"({str(e).splitlines()[0] if str(e) else type(e).__name__})")
 
@@ -291,9 +443,15 @@ def extra_scores(scorer, texts, label, batch_size):
     return torch.softmax(logits, -1)[:, label].tolist()
 
 
-@torch.no_grad()
 def perplexities(model, tokenizer, prompts, generations, batch_size=16):
-    """Perplexity of each generation given its prompt: loss over generation tokens only; None if it is empty."""
+    """Perplexity of each generation given its prompt, exp(mean token NLL); None if it is empty."""
+    return [None if x is None else math.exp(x[0] / x[1])
+            for x in generation_nlls(model, tokenizer, prompts, generations, batch_size)]
+
+
+@torch.no_grad()
+def generation_nlls(model, tokenizer, prompts, generations, batch_size=16):
+    """(summed NLL, token count) of each generation's tokens given its prompt under model; None if it is empty."""
     limit = context_length(model.config) or 1024
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     gens = [g[:limit - 1] for g in tokenizer(list(generations), add_special_tokens=False).input_ids]
@@ -319,8 +477,8 @@ def perplexities(model, tokenizer, prompts, generations, batch_size=16):
         logits = logits[torch.arange(len(batch), device=logits.device)[:, None], at.to(logits.device)].float()
         labels = labels.to(logits.device)
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none", ignore_index=-100)
-        for i, mean_nll in zip(batch, (nll.sum(1) / (labels != -100).sum(1)).tolist()):
-            out[i] = math.exp(mean_nll)
+        for i, nll_sum, count in zip(batch, nll.sum(1).tolist(), (labels != -100).sum(1).tolist()):
+            out[i] = (nll_sum, count)
     return out
 
 
@@ -339,6 +497,13 @@ SETTINGS = {"dataset": "dataset", "split": "split", "rtp_prompts": "rtp_prompts"
             "n_prompts": "num_samples", "k": "generations_per_prompt", "max_prompt_tokens": "max_prompt_tokens",
             "max_new_tokens": "max_new_tokens", "toxicity_model": "toxicity_model", "toxic_label": "toxic_label",
             "threshold": "threshold"}
+
+# the layout of toxicity.csv. 2: confidence intervals, paired comparison, perplexity_corpus/perplexity_median.
+# 1 (no such column) had a `perplexity` column holding the arithmetic mean of per-generation perplexities.
+TABLE_VERSION = 2
+# columns that paired_comparisons recomputes from generations.jsonl whenever the table is written
+COMPARISON_COLUMNS = ("compared_with", "diff_mean_toxicity", "diff_mean_toxicity_ci_low",
+                      "diff_mean_toxicity_ci_high", "p_value")
 
 
 def same_setting(recorded, value):
@@ -378,15 +543,21 @@ def read_previous(output_dir):
              "another --output-dir")
     if rows and "model" not in rows[0]:
         fail(f"{csv_path} has no 'model' column; move it away or pick another --output-dir")
+    old = [r["model"] for r in rows if not same_setting(r.get("table_version"), TABLE_VERSION)]
+    if old:  # its `perplexity` meant something else and it has no intervals: one table cannot hold both
+        fail(f"{csv_path} was written by an older evaluate_toxicity.py (table version "
+             f"{rows[0].get('table_version', 1)}, now {TABLE_VERSION}: no confidence intervals, and `perplexity` "
+             "was the mean of per-generation perplexities); use another --output-dir, or move the earlier files away")
+    rows = [{k: v for k, v in r.items() if k not in COMPARISON_COLUMNS} for r in rows]  # recomputed when written
     return rows, records
 
 
 def update_model_cards(rows, dataset, max_new_tokens, toxicity_model):
     """Put the results table (every model of this evaluation, for comparison) into each local model card."""
-    table = markdown_table([{k: r.get(k) for k in ("model", "n", "mean_toxicity", "std_toxicity",
-                                                     "expected_max_toxicity", "toxicity_probability", "distinct_1",
-                                                     "distinct_2", "empty_generations", "perplexity") if k in r}
-                            for r in rows])
+    metrics = ("mean_toxicity", "std_toxicity", "expected_max_toxicity", "toxicity_probability", "distinct_1",
+               "distinct_2", "empty_share", "perplexity_corpus", "perplexity_median")
+    keys = ("model", "n") + tuple(f"{m}{end}" for m in metrics for end in ("", "_ci_low", "_ci_high"))
+    table = markdown_table([{k: r.get(k) for k in keys if k in r} for r in rows])
     text = (f"{CARD_RESULTS_START}\n`evaluate_toxicity.py` on {dataset}, {rows[0]['n_prompts']} prompts x "
             f"{rows[0]['k']} samples, {max_new_tokens} new tokens, scored by {toxicity_model}:\n\n"
             f"{table}{CARD_RESULTS_END}")
@@ -409,48 +580,123 @@ def fmt(value):
     return "" if value is None else str(value)
 
 
+def fmt_with_interval(row, column):
+    """'value [low, high]' when the row has the column's confidence interval, else the value alone."""
+    value, low, high = row.get(column), row.get(f"{column}_ci_low"), row.get(f"{column}_ci_high")
+    if low is None or high is None or fmt(value) == "" or fmt(low) == "":
+        return fmt(value)
+    return f"{fmt(value)} [{fmt(low)}, {fmt(high)}]"
+
+
 def markdown_table(rows):
-    columns = list(dict.fromkeys(c for r in rows for c in r))
+    """Every column of rows; a column's _ci_low/_ci_high go into its own cell as 'value [low, high]'."""
+    columns = [c for c in dict.fromkeys(c for r in rows for c in r) if not c.endswith(("_ci_low", "_ci_high"))]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(fmt_with_interval(r, c) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
-def write_tables(rows, records, output_dir):
+def per_prompt_mean_toxicity(records, model):
+    """(prompt ids, per-prompt mean toxicity) of model's records, in prompt_index order."""
+    by_prompt = {}
+    for r in records:
+        if r["model"] == model:
+            by_prompt.setdefault(r["prompt_index"], (r["id"], []))[1].append(r["toxicity"])
+    order = sorted(by_prompt)
+    return [str(by_prompt[i][0]) for i in order], np.array([np.mean(by_prompt[i][1]) for i in order])
+
+
+def paired_comparisons(rows, records, n_resamples, seed):
+    """For every model after the first row's: the paired difference in mean toxicity to the first, on the same
+    prompts ({model: COMPARISON_COLUMNS}). Models whose prompts differ from the first's are left out."""
+    if len(rows) < 2:
+        return {}
+    first = rows[0]["model"]
+    first_ids, first_means = per_prompt_mean_toxicity(records, first)
+    if not first_ids:
+        return {}
+    resamples = bootstrap_resamples(len(first_ids), n_resamples, seed)
+    out = {}
+    for row in rows[1:]:
+        ids, means = per_prompt_mean_toxicity(records, row["model"])
+        if ids == first_ids:
+            out[row["model"]] = {"compared_with": first} | paired_difference(first_means, means, resamples, seed)
+    return out
+
+
+def comparison_table(rows, comparisons):
+    """Markdown of the paired comparisons, one line per compared model ('' when there are none)."""
+    if not comparisons:
+        return ""
+    first = rows[0]
+    lines = [f"Paired with {first['model']} on the same {first['n_prompts']} prompts: difference in mean toxicity "
+             f"(per-prompt means), {CI_LEVEL:.0%} bootstrap CI, two-sided p of a {PAIRED_TEST}.", "",
+             "| model | diff_mean_toxicity | p_value |", "|---|---|---|"]
+    lines += [f"| {model} | {fmt_with_interval(c, 'diff_mean_toxicity')} | {fmt(c['p_value'])} |"
+              for model, c in comparisons.items()]
+    return "\n".join(lines) + "\n"
+
+
+def results_markdown(rows, comparisons):
+    """toxicity.md: the results table, then the paired comparisons."""
+    table = markdown_table(rows)
+    paired = comparison_table(rows, comparisons)
+    return table + ("\n" + paired if paired else "")
+
+
+def write_tables(rows, records, output_dir, comparisons=None):
+    """toxicity.csv (rows, with each model's comparison columns), toxicity.md and generations.jsonl."""
     import pandas as pd
 
-    buffer = pd.DataFrame(rows).to_csv(index=False)
-    write_atomic(os.path.join(output_dir, "toxicity.csv"), buffer)
-    write_atomic(os.path.join(output_dir, "toxicity.md"), markdown_table(rows))
+    comparisons = comparisons or {}
+    table_rows = [r | comparisons.get(r["model"], {}) for r in rows]
+    write_atomic(os.path.join(output_dir, "toxicity.csv"), pd.DataFrame(table_rows).to_csv(index=False))
+    write_atomic(os.path.join(output_dir, "toxicity.md"), results_markdown(rows, comparisons))
     write_atomic(os.path.join(output_dir, "generations.jsonl"), "".join(json.dumps(r) + "\n" for r in records))
 
 
+def error_bars(rows):
+    """2 x len(rows) array (below, above): each row's mean-toxicity error bar is its confidence interval, clipped
+    to [0, 1]; a bar of 0 when the row has no interval (e.g. a table written by hand)."""
+    below, above = [], []
+    for r in rows:
+        mean, low, high = r["mean_toxicity"], r.get("mean_toxicity_ci_low"), r.get("mean_toxicity_ci_high")
+        if low is None or high is None or math.isnan(low) or math.isnan(high):
+            low = high = mean
+        below.append(max(0.0, mean - max(0.0, low)))
+        above.append(max(0.0, min(1.0, high) - mean))
+    return np.array([below, above])
+
+
 def plot(rows, output_dir):
-    """The study's bar chart (mean toxicity, std error bars) and, when sizes differ, toxicity against size."""
+    """The study's bar chart (mean toxicity, 95% CI bars) and, when sizes differ, toxicity against size."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = [r["model"] for r in rows]
+    bars = error_bars(rows)
+    label = f"toxicity (mean, {CI_LEVEL:.0%} bootstrap CI)"
     fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(rows)), 4))
-    ax.bar(range(len(rows)), [r["mean_toxicity"] for r in rows], yerr=[r["std_toxicity"] for r in rows], capsize=6)
+    ax.bar(range(len(rows)), [r["mean_toxicity"] for r in rows], yerr=bars, capsize=6)
     ax.set_xticks(range(len(rows)), names, rotation=20, ha="right", fontsize=8)
-    ax.set_ylim(bottom=0)  # toxicity is a probability: a std bar below 0 means nothing
-    ax.set_ylabel("toxicity (mean, std bars)")
-    ax.set_title(f"toxicity of {rows[0]['max_new_tokens']} new tokens, {rows[0]['n_prompts']} prompts")
+    ax.set_ylim(bottom=0)
+    ax.set_ylabel(label)
+    samples = f" x {rows[0]['k']} samples" if int(rows[0]["k"]) > 1 else ""
+    ax.set_title(f"toxicity of {rows[0]['max_new_tokens']} new tokens, {rows[0]['n_prompts']} prompts{samples}")
     fig.tight_layout()
     fig.savefig(os.path.join(output_dir, "toxicity.png"), dpi=120)
     plt.close(fig)
     if len({r["parameters"] for r in rows}) > 1:
         fig, ax = plt.subplots(figsize=(5, 4))
-        ax.errorbar([r["parameters"] for r in rows], [r["mean_toxicity"] for r in rows],
-                    yerr=[r["std_toxicity"] for r in rows], fmt="o", capsize=4)
+        ax.errorbar([r["parameters"] for r in rows], [r["mean_toxicity"] for r in rows], yerr=bars, fmt="o",
+                    capsize=4)
         for r in rows:
             ax.annotate(r["model"], (r["parameters"], r["mean_toxicity"]), fontsize=7)
         ax.set_xscale("log")
         ax.set_xlabel("parameters")
-        ax.set_ylabel("toxicity (mean, std bars)")
+        ax.set_ylabel(label)
         fig.tight_layout()
         fig.savefig(os.path.join(output_dir, "toxicity_vs_size.png"), dpi=120)
         plt.close(fig)
@@ -474,7 +720,7 @@ def check_causal_lm(config, name, what="model"):
 def check_args(args, device):
     """Every error that can be known before loading weights: bad numbers, unknown models, missing labels."""
     for name in ("num_samples", "max_prompt_tokens", "max_new_tokens", "generations_per_prompt", "batch_size",
-                 "score_batch_size"):
+                 "score_batch_size", "bootstrap_samples"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not args.models:
@@ -495,10 +741,33 @@ def check_args(args, device):
     if args.extra_toxicity_model:
         extra_label = label_index(load_config(args.extra_toxicity_model, "extra toxicity model"),
                                   args.extra_toxic_label, f"extra toxicity model {args.extra_toxicity_model}")
+        check_independent(args.extra_toxicity_model, args.models)
     else:
         extra_label = None
     check_toxicity_module(args.toxicity_module)
     return limits, extra_label
+
+
+def training_reward_models(model):
+    """The reward classifiers a local detoxify_ppo.py checkpoint was trained on (from its training_args.json);
+    none for a hub id or another model."""
+    try:
+        with open(os.path.join(model, "training_args.json")) as f:
+            recorded = json.load(f).get("reward_model", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [recorded] if isinstance(recorded, str) else list(recorded)
+
+
+def check_independent(extra_toxicity_model, models):
+    """The second scorer is there to judge what the reward did not see: refuse one a model was trained on."""
+    def same(a, b):
+        return a == b or (os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
+
+    for model in models:
+        if any(same(extra_toxicity_model, reward) for reward in training_reward_models(model)):
+            fail(f"--extra-toxicity-model {extra_toxicity_model} is a reward classifier {model} was trained on, so it "
+                 "is no independent judge of it; give a classifier the training did not use")
 
 
 def check_toxicity_module(module):
@@ -511,10 +780,11 @@ def check_toxicity_module(module):
 
 
 def main(argv=None):
-    (args,) = HfArgumentParser(Args).parse_args_into_dataclasses(args=argv)
+    (args,) = cli_parser(Args, __doc__).parse_args_into_dataclasses(args=argv)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(args.dtype, device)
     limits, extra_label = check_args(args, device)
+    quiet_libraries(args.verbose)
     rows_in = load_prompt_rows(args.dataset, args.split, args.dataset_revision)
     prompts = choose_prompts(rows_in, args.num_samples, args.seed, args.threshold, args.rtp_prompts)
     settings = {column: getattr(args, option) for column, option in SETTINGS.items()}
@@ -529,6 +799,7 @@ def main(argv=None):
     fluency = load_causal_lm(args.fluency_model, device, dtype) if args.fluency_model else None
 
     k = args.generations_per_prompt
+    resamples = bootstrap_resamples(len(prompts), args.bootstrap_samples, args.seed)  # the same for every model
     done = {r["model"] for r in rows}
     todo = [m for m in args.models if not (args.resume and m in done)]
     if len(todo) < len(args.models):
@@ -556,41 +827,45 @@ def main(argv=None):
         flat = [g for samples in generations for g in samples]  # prompt-major: prompt i's samples at i*k .. i*k+k-1
         flat_prompts = [p for p in prompt_texts for _ in range(k)]
         scores = toxicity.compute(predictions=flat, toxic_label=args.toxic_label)["toxicity"]
-        per_prompt = [scores[i * k:(i + 1) * k] for i in range(len(prompts))]
-        mean, std = mean_std(scores)
+        by_prompt = np.reshape(scores, (len(prompts), k))
         row = {"model": name, "parameters": parameters, "n_prompts": len(prompts), "k": k, "n": len(scores),
-               "max_new_tokens": args.max_new_tokens, "mean_toxicity": mean, "std_toxicity": std,
-               "expected_max_toxicity": expected_max_toxicity(per_prompt),
-               "toxicity_probability": toxicity_probability(per_prompt, args.threshold)}
+               "max_new_tokens": args.max_new_tokens}
+        row |= with_intervals(toxicity_statistics(by_prompt, args.threshold), len(prompts), resamples)
         extra_flat = [None] * len(flat)
         if extra:
             extra_flat = extra_scores(extra, flat, extra_label, args.score_batch_size)
-            extra_per_prompt = [extra_flat[i * k:(i + 1) * k] for i in range(len(prompts))]
-            extra_mean, extra_std = mean_std(extra_flat)
-            row |= {"extra_toxicity_model": args.extra_toxicity_model, "extra_mean_toxicity": extra_mean,
-                    "extra_std_toxicity": extra_std,
-                    "extra_expected_max_toxicity": expected_max_toxicity(extra_per_prompt),
-                    "extra_toxicity_probability": toxicity_probability(extra_per_prompt, args.threshold)}
+            row |= {"extra_toxicity_model": args.extra_toxicity_model}
+            row |= with_intervals(toxicity_statistics(np.reshape(extra_flat, (len(prompts), k)), args.threshold,
+                                                      prefix="extra_"), len(prompts), resamples)
         # a model that stops at once is "non-toxic" for free: count the empty generations
-        row |= diversity(generations) | {"empty_generations": sum(not g.strip() for g in flat)}
-        ppl = [None] * len(flat)
+        row |= {"distinct_scope": diversity(generations)["distinct_scope"],
+                "empty_generations": sum(not g.strip() for g in flat)}
+        row |= with_intervals(diversity_statistics(generations), len(prompts), resamples)
+        nlls = [None] * len(flat)
         if fluency:
-            ppl = perplexities(fluency[0], fluency[1], flat_prompts, flat, args.score_batch_size)
-            finite = [p for p in ppl if p is not None]
-            row |= {"fluency_model": args.fluency_model,  # over non-empty generations
-                    "perplexity": float(np.mean(finite)) if finite else float("nan")}
+            nlls = generation_nlls(fluency[0], fluency[1], flat_prompts, flat, args.score_batch_size)
+            nll_sums = np.reshape([math.nan if x is None else x[0] for x in nlls], (len(prompts), k))
+            token_counts = np.reshape([0 if x is None else x[1] for x in nlls], (len(prompts), k))
+            row |= {"fluency_model": args.fluency_model}  # over non-empty generations
+            row |= with_intervals(fluency_statistics(nll_sums, token_counts), len(prompts), resamples)
         row |= {"generate_seconds": round(gen_seconds, 2), "total_seconds": round(time.time() - started, 2)}
         row |= {column: value for column, value in settings.items() if column not in row}
+        row |= {"bootstrap_samples": args.bootstrap_samples, "table_version": TABLE_VERSION}
         rows.append(row)
         for j, (text, gen) in enumerate(zip(flat_prompts, flat)):
+            nll = nlls[j]
             records.append({"model": name, "prompt_index": j // k, "id": prompts[j // k][0], "sample": j % k,
                             "prompt": text, "generation": gen, "toxicity": scores[j], "extra_toxicity": extra_flat[j],
-                            "perplexity": ppl[j]})
-        write_tables(rows, records, args.output_dir)  # after every model: a later crash keeps these rows
+                            "perplexity": None if nll is None else math.exp(nll[0] / nll[1]),
+                            "fluency_nll": None if nll is None else nll[0],
+                            "fluency_tokens": None if nll is None else nll[1]})
+        comparisons = paired_comparisons(rows, records, args.bootstrap_samples, args.seed)
+        write_tables(rows, records, args.output_dir, comparisons)  # after every model: a later crash keeps these
         plot(rows, args.output_dir)
     if args.update_model_card:
         update_model_cards(rows, args.dataset, args.max_new_tokens, args.toxicity_model)
-    print(markdown_table(rows), end="")
+    comparisons = paired_comparisons(rows, records, args.bootstrap_samples, args.seed)
+    print(results_markdown(rows, comparisons), end="")
     print(f"wrote {args.output_dir}/toxicity.csv, toxicity.md, generations.jsonl, toxicity.png")
 
 

@@ -16,7 +16,7 @@ import math
 
 import torch
 from trl import AutoModelForCausalLMWithValueHead, PPOTrainer
-from trl.core import PPODecorators, logprobs_from_logits
+from trl.core import PPODecorators, logprobs_from_logits, masked_mean
 
 # Architectures whose block loop the speed-ups replay: (blocks, final norm). Others run trl's plain passes.
 LAYOUTS = {"gpt_neo": ("transformer.h", "transformer.ln_f"), "gptj": ("transformer.h", "transformer.ln_f")}
@@ -168,6 +168,7 @@ class SpeedupPPOTrainer(PPOTrainer):
                 if getattr(layer, "gradient_checkpointing", False):
                     layer.register_forward_pre_hook(checkpoint_while_training)
         self._step_rows = None  # inside step(): the step's rows, see batched_forward_pass
+        self._minibatch_counts = None  # inside step(): skipped and all mini-batches, see loss
 
     @contextlib.contextmanager
     def speedups_only(self, names=()):
@@ -194,13 +195,28 @@ class SpeedupPPOTrainer(PPOTrainer):
             self.optimizer = self._optimizers["adam" if "adam" in speedups else "trl"]
 
     def step(self, queries, responses, scores, response_masks=None):
+        """trl's step, with ppo/skipped_batches and ppo/minibatches in its stats (see `loss`)."""
+        self._minibatch_counts = {"ppo/skipped_batches": 0, "ppo/minibatches": 0}
         if not self.speedups & {"prefix", "logits"}:
-            return super().step(queries, responses, scores, response_masks)
+            return super().step(queries, responses, scores, response_masks) | self._minibatch_counts
         self._step_rows = {}
         try:
-            return super().step(queries, responses, scores, response_masks)
+            return super().step(queries, responses, scores, response_masks) | self._minibatch_counts
         finally:  # nothing is kept from one step to the next
             self._step_rows = None
+
+    def loss(self, old_logprobs, values, logits, vpreds, logprobs, mask, advantages, returns):
+        """trl's loss, counting the mini-batches it skips: when a mini-batch's average probability ratio is above
+        config.ratio_threshold, trl zeroes its losses and only warns. The count applies trl's own test to trl's own
+        ratio (a health count, not a speed-up: on with or without them)."""
+        pg_loss, vf_loss, stats = super().loss(old_logprobs, values, logits, vpreds, logprobs, mask, advantages,
+                                               returns)
+        counts = self._minibatch_counts
+        if counts is not None:  # None outside step()
+            counts["ppo/minibatches"] += 1
+            counts["ppo/skipped_batches"] += int(masked_mean(stats["policy/ratio"], mask).item()
+                                                 > self.config.ratio_threshold)
+        return pg_loss, vf_loss, stats
 
     def _first_pass(self, queries, responses, model_inputs):
         """At the step's first pass (the policy's, over all rows in order): each row's index by its tensors, and the

@@ -40,7 +40,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from transformers import HfArgumentParser  # noqa: E402
 
 warnings.filterwarnings("ignore", message=r".*attention mask.*")  # the study's loop passes none, as it did
 warnings.filterwarnings("ignore", message=r".*pad_token_id.*")
@@ -48,7 +47,7 @@ warnings.filterwarnings("ignore", message=r".*pad_token_id.*")
 import detoxify_ppo  # noqa: E402
 import random_models  # noqa: E402
 import render  # noqa: E402
-from detox_common import DTYPES  # noqa: E402
+from detox_common import DTYPES, cli_parser  # noqa: E402
 from detoxify_ppo import option  # noqa: E402
 from ppo_speedups import SPEEDUPS, SpeedupPPOTrainer  # noqa: E402
 
@@ -95,20 +94,19 @@ class BenchArgs:
     append: bool = option(False, "add to an existing JSON instead of starting afresh")
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+def build_parser():
+    parser = cli_parser((detoxify_ppo.Args, BenchArgs), __doc__, detoxify_ppo.NO_FLAG_HELP)
+    for action in parser._actions:
+        if action.dest in DEFAULTS.__dict__ and action.dest not in USED_ARGS:
+            action.help = argparse.SUPPRESS
+        elif action.dest == "steps":
+            action.help = "measured steps after warm-up (None: 3)"
+    return parser
 
 
 def parse_args(argv=None):
     """(detoxify_ppo.Args, BenchArgs) from the command line."""
-    parser = HfArgumentParser((detoxify_ppo.Args, BenchArgs), description=__doc__, formatter_class=HelpFormatter)
-    for action in parser._actions:
-        if action.dest in DEFAULTS.__dict__ and action.dest not in USED_ARGS:
-            action.help = argparse.SUPPRESS
-        elif action.option_strings[0].startswith("--no_"):
-            action.help = detoxify_ppo.NO_FLAG_HELP[action.dest]
-        elif action.dest == "steps":
-            action.help = "measured steps after warm-up (None: 3)"
+    parser = build_parser()
     args, opts = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else list(argv))
     unused = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(args)
               if f.name not in USED_ARGS and getattr(args, f.name) != getattr(DEFAULTS, f.name)]
@@ -283,7 +281,8 @@ def timed_step(loop, setup, tokenizer, reward, batch, lengths, step, device):
     sync(device)
     t0 = time.perf_counter()
     if loop != "study":
-        reward_fn = functools.partial(detoxify_ppo.score_responses, *reward, batch_size=setup.args.reward_batch_size)
+        reward_fn = functools.partial(detoxify_ppo.score_responses, [("reward", *reward, 1.0)],
+                                      batch_size=setup.args.reward_batch_size)
         stats, responses, rewards = detoxify_ppo.ppo_step(trainer, tokenizer, reward_fn, batch, lengths, step)
         phases = [stats[f"time/{phase}"] for phase in PHASES]
     else:

@@ -1,6 +1,7 @@
 """Build tiny offline stand-ins for the hub assets: a policy, a toxicity classifier and sample data.
 
-Builds only what is missing (a minute or two on a CPU): complete folders are kept unless --force.
+Builds only what is missing (README.md gives the time): complete folders are kept unless --force. The
+weights are the same bits whatever the thread count (training runs on one thread).
 No network is touched. The synthetic task mirrors the real one: prompts are plain sentences and
 half of the corpus continuations contain insult words; the classifier learns to flag those words
 (labels "nothate"/"hate", as in facebook/roberta-hate-speech-dynabench-r4-target); the policy is
@@ -12,6 +13,7 @@ pretrained for seconds on the corpus, so about half of its samples are "toxic" b
 """
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -69,6 +71,22 @@ def build_tokenizer(texts, pad_token=None, wrap=False):
                                    pad_token=pad_token, model_max_length=128)
 
 
+@contextlib.contextmanager
+def one_torch_thread():
+    """Train on one thread: a float sum split over more threads rounds differently, and 300 steps of training
+    turn that into other weights (other README decimals). One thread gives the same bits whatever the machine's
+    thread count (OMP_NUM_THREADS, cores)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@one_torch_thread()
 def build_policy(out_dir, texts, steps=300, seed=0):
     """A 4-block GPT-Neo pretrained on texts (no pad token, as for the real gpt-neo tokenizer)."""
     import torch  # here, not at the top: a run that keeps complete models imports none of them
@@ -103,6 +121,7 @@ def build_policy(out_dir, texts, steps=300, seed=0):
     return model, tokenizer
 
 
+@one_torch_thread()
 def build_classifier(out_dir, texts, steps=150, seed=0):
     """A 2-layer RoBERTa classifier with labels {0: nothate, 1: hate}, trained to flag TOXIC words."""
     import torch
@@ -194,7 +213,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Defaults after each option; the description and examples as written."""
 
 
-def parse_args(argv=None):
+def build_parser():
     summary, _, details = __doc__.partition("\n\n")
     parser = argparse.ArgumentParser(description=summary, epilog=details, formatter_class=HelpFormatter)
     parser.add_argument("out_dir", help="folder that receives policy/ and classifier/")
@@ -203,11 +222,11 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed for corpus and training")
     parser.add_argument("--force", action="store_true",
                         help="rebuild the models even if complete ones are in out_dir")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     policy, classifier = os.path.join(args.out_dir, "policy"), os.path.join(args.out_dir, "classifier")
     todo = {name: folder for name, folder, files in (("policy", policy, POLICY_FILES),
                                                      ("classifier", classifier, CLASSIFIER_FILES))

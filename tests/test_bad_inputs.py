@@ -2,6 +2,7 @@
 output folder (holding an earlier run) left exactly as it was."""
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -91,9 +92,14 @@ TRAIN_CASES = {
     "context min > max": (lambda w: ["--min-context-tokens", "9", "--max-context-tokens", "5"], "--min-context-tokens"),
     "new tokens min > max": (lambda w: ["--min-new-tokens", "31"], "--min-new-tokens"),
     "test fraction 1": (lambda w: ["--test-fraction", "1"], "--test-fraction"),
+    "evaluation without held-out prompts": (lambda w: ["--eval-every", "2", "--test-fraction", "0"],
+                                            "--test-fraction 0 holds none out"),
+    "negative eval every": (lambda w: ["--eval-every", "-1"], "--eval-every must be >= 0"),
     "unknown dtype": (lambda w: ["--dtype", "int8"], "--dtype"),
     "unknown reward dtype": (lambda w: ["--reward-dtype", "half"], "--reward-dtype"),
     "unknown tracker": (lambda w: ["--log-with", "mlflow"], "--log-with"),
+    **({"tracker not installed": (lambda w: ["--log-with", "wandb"], "needs the wandb package: pip install wandb")}
+       if importlib.util.find_spec("wandb") is None else {}),  # not in requirements.txt
     "unknown reward label": (lambda w: ["--reward-label", "neutral"], "no label 'neutral'"),
     "output holds checkpoints": (lambda w: ["--output-dir", f"{w}/out"], "already holds checkpoints"),
     "output not writable": (lambda w: ["--output-dir", f"{w}/out/final/config.json/sub"], "not writable"),
@@ -118,6 +124,9 @@ TRAIN_CASES = {
     "config with unknown option": (lambda w: ["--config", text_file(w, "bad.yaml", "learning-rate: 1\nsteps_: 3\n")],
                                    "unknown options ['steps_']"),
     "resume of a finished run": (lambda w: ["--resume-from-checkpoint", f"{w}/out/final"], "nothing to do"),
+    "more reward labels than classifiers": (lambda w: ["--reward-label", "nothate", "hate"],
+                                            "give one --reward-label and one --reward-weight, or one of each"),
+    "infinite reward weight": (lambda w: ["--reward-weight", "inf"], "--reward-weight must be finite"),
 }
 
 
@@ -139,10 +148,20 @@ def test_training_refuses_bad_input(case, previous_run, tiny_policy, tiny_classi
 def previous_results(tmp_path_factory):
     """An earlier evaluation's files, which no refused run may change."""
     out = tmp_path_factory.mktemp("results")
-    (out / "toxicity.csv").write_text("model,n,mean_toxicity,std_toxicity\nearlier-model,4,0.25,0.1\n")
+    (out / "toxicity.csv").write_text("model,n,mean_toxicity,std_toxicity,table_version\nearlier-model,4,0.25,0.1,2\n")
     (out / "toxicity.md").write_text("| model | n |\n|---|---|\n| earlier-model | 4 |\n")
     (out / "generations.jsonl").write_text(json.dumps({"model": "earlier-model", "generation": "x"}) + "\n")
     return out
+
+
+def trained_on(folder, policy, classifier):
+    """A copy of the policy whose training_args.json says it was trained with the classifier as reward."""
+    model = os.path.join(folder, "trained-on-classifier")
+    if not os.path.exists(model):
+        shutil.copytree(policy, model)
+        with open(os.path.join(model, "training_args.json"), "w") as f:
+            json.dump({"reward_model": [classifier]}, f)
+    return model
 
 
 EVAL_CASES = {
@@ -160,6 +179,9 @@ EVAL_CASES = {
     "missing toxicity module": (lambda w, p, c: ["--toxicity-module", f"{w}/no-module"], "toxicity module"),
     "classifier as a model": (lambda w, p, c: ["--models", c],
                               "is a RobertaForSequenceClassification, not a causal LM"),
+    "extra scorer the model was trained on": (
+        lambda w, p, c: ["--models", trained_on(w, p, c), "--extra-toxicity-model", c, "--extra-toxic-label", "hate"],
+        "is a reward classifier"),
     "earlier rows of unknown settings": (lambda w, p, c: [],
                                          "measured with other settings (--dataset: no record of it"),
 }

@@ -344,7 +344,23 @@ def test_cli_writes_checkpoints_that_reload_and_generate(cli_run, tiny_policy):
     trained = model.state_dict()
     assert all(torch.equal(trained[k], start[k]) for k in start if ".h.0." in k or ".h.1." in k)
     assert any(not torch.equal(trained[k], start[k]) for k in start if ".h.3." in k)
-    assert os.listdir(out / "logs")  # tensorboard events
+
+
+def test_tensorboard_shows_every_step_of_what_stats_jsonl_holds(cli_run):
+    """README "Watching a run": tensorboard --logdir OUT/logs shows the same scalars, step by step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = cli_run
+    events = [os.path.join(d, f) for d, _, files in os.walk(out / "logs") for f in files if "tfevents" in f]
+    assert events, list(os.walk(out / "logs"))
+    accumulator = EventAccumulator(os.path.dirname(events[0])).Reload()
+    scalars = accumulator.Tags()["scalars"]
+    stats = [json.loads(line) for line in open(out / "stats.jsonl")]
+    for tag in ("env/reward_mean", "objective/kl", "ppo/loss/total"):
+        assert tag in scalars, scalars
+        logged = accumulator.Scalars(tag)
+        assert [e.step for e in logged] == [s["step"] for s in stats]
+        assert [e.value for e in logged] == pytest.approx([s[tag] for s in stats], rel=1e-5)
 
 
 def test_cli_logs_every_step_and_rewards_are_the_nothate_logit_of_the_response(cli_run, tiny_classifier):
@@ -380,7 +396,8 @@ def test_gradient_checkpointing_still_trains_blocks_after_frozen_ones(tmp_path, 
 
 
 def test_ppo_halves_the_toxic_share_of_a_tiny_policy(tmp_path, tiny_policy, tiny_classifier):
-    """Learning test: the policy says insults in about half its samples; PPO on the classifier's reward cuts that."""
+    """Learning test: the policy says insults in about half its samples; PPO on the classifier's reward cuts that,
+    on these prompts and on the held-out ones the run evaluates itself on (--eval-every)."""
 
     def toxic_share(path):
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -399,9 +416,259 @@ def test_ppo_halves_the_toxic_share_of_a_tiny_policy(tmp_path, tiny_policy, tiny
     out = tmp_path / "out"
     result = run_cli("detoxify_ppo.py", "--model", tiny_policy, "--reward-model", tiny_classifier,
                      "--dataset", SAMPLE_DATA, "--steps", "30", "--learning-rate", "1e-3", "--dtype", "float32",
-                     "--save-every", "0", "--output-dir", out)
+                     "--save-every", "0", "--output-dir", out, "--eval-every", "10")
     assert result.returncode == 0, result.stderr[-3000:]
     before, after = toxic_share(tiny_policy), toxic_share(out / "final")
     print(f"toxic share before {before:.3f} after {after:.3f}")
     assert before > 0.3
     assert after <= before / 2
+    evals = [s for s in map(json.loads, open(out / "stats.jsonl")) if "eval/toxicity" in s]
+    curve = {s["step"]: s["eval/toxicity"] for s in evals}
+    print(f"held-out toxicity by step {curve}")
+    assert list(curve) == [0, 10, 20, 30] and curve[0] > 0.3
+    assert curve[30] <= curve[0] / 2
+
+
+# ---------------------------------------------------------------- PPO health
+
+def test_a_healthy_run_counts_no_skipped_batch(cli_run):
+    out, result = cli_run
+    stats = [json.loads(line) for line in open(out / "stats.jsonl")]
+    assert [s["ppo/minibatches"] for s in stats] == [4 * 16 // 4] * 4  # ppo_epochs x (batch / mini-batch)
+    assert [s["ppo/skipped_batches"] for s in stats] == [0] * 4 and stats[-1]["ppo/skipped_batches_total"] == 0
+    assert "PPO health: trl skipped 0 of 64 mini-batches" in result.stdout
+    assert "warning:" not in result.stdout
+
+
+def test_skipped_batches_are_counted_as_trl_skips_them(tmp_path, tiny_policy, tiny_classifier):
+    """--ratio-threshold 0.5: every mini-batch's average ratio (about 1) is above it, so trl zeroes them all; the
+    count matches what trl did (every loss zeroed), the running total adds up, and the run ends with a warning
+    naming the fix."""
+    out = tmp_path / "out"
+    result = run_cli("detoxify_ppo.py", "--model", tiny_policy, "--reward-model", tiny_classifier, "--dataset",
+                     SAMPLE_DATA, "--steps", "2", "--ppo-epochs", "1", "--ratio-threshold", "0.5", "--save-every", "0",
+                     "--output-dir", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stats = [json.loads(line) for line in open(out / "stats.jsonl")]
+    assert [s["ppo/skipped_batches"] for s in stats] == [4, 4] and [s["ppo/minibatches"] for s in stats] == [4, 4]
+    assert [s["ppo/skipped_batches_total"] for s in stats] == [4, 8]
+    # trl did skip them all (zeroed losses), and said so once: Python shows a repeated warning only the first time,
+    # which is why the count is needed
+    assert all(s["ppo/loss/total"] == 0 for s in stats)
+    assert result.stderr.count("Skipping batch") == 1
+    lines = result.stdout.splitlines()
+    assert "PPO health: trl skipped 8 of 8 mini-batches (average probability ratio above --ratio-threshold 0.5)" \
+        in result.stdout
+    assert any(line.startswith("warning: trl skipped 100% of the mini-batches") and "--learning-rate" in line
+               for line in lines), result.stdout
+
+
+def test_health_totals_continue_on_resume_and_flag_negative_kl():
+    previous = [{"step": 1, "ppo/skipped_batches": 3, "ppo/minibatches": 16, "objective/kl": -0.5},
+                {"step": 2, "ppo/skipped_batches": 0, "ppo/minibatches": 16, "objective/kl": -0.01}]  # noise
+    health = detoxify_ppo.PPOHealth.from_stats(previous)
+    assert health.update({"ppo/skipped_batches": 1, "ppo/minibatches": 16, "objective/kl": -0.2}) == {
+        "ppo/skipped_batches_total": 4, "objective/negative_kl_steps": 2}
+    summary, *warnings = health.report(10.0)
+    assert summary.endswith("trl skipped 4 of 48 mini-batches (average probability ratio above --ratio-threshold "
+                            "10); the mean KL was below -0.1 at 2 of 3 steps")
+    assert len(warnings) == 1 and "negative at 67% of the steps" in warnings[0]  # 4/48 skipped is under 10%
+
+
+# ---------------------------------------------------------------- evaluation during training
+
+EVAL_KEYS = ["eval/toxicity", "eval/toxic_share", "eval/distinct_1", "eval/distinct_2", "eval/empty_share",
+             "eval/ref_logprob"]
+
+
+def read_stats(path):
+    return [json.loads(line) for line in open(path)]
+
+
+@pytest.fixture(scope="module")
+def eval_run(tmp_path_factory, tiny_policy, tiny_classifier):
+    """cli_run's options plus --eval-every 3: evaluations at steps 0, 3 and 4 (the last)."""
+    out = tmp_path_factory.mktemp("eval-run") / "out"
+    result = run_cli("detoxify_ppo.py", "--model", tiny_policy, "--reward-model", tiny_classifier,
+                     "--dataset", SAMPLE_DATA, "--steps", "4", "--save-every", "2", "--output-dir", out,
+                     "--log-with", "tensorboard", "--eval-every", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_eval_rows_appear_at_step_0_every_n_steps_and_the_last(eval_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, result = eval_run
+    stats = read_stats(out / "stats.jsonl")
+    assert [s["step"] for s in stats] == [0, 1, 2, 3, 4]
+    before = stats[0]  # a line of its own: the policy as loaded, before any PPO step
+    assert before["eval"] is True and "env/reward_mean" not in before and set(EVAL_KEYS) <= before.keys()
+    assert [s["step"] for s in stats if "eval/toxicity" in s] == [0, 3, 4]
+    assert not any(k.startswith("eval/") for s in stats if s["step"] in (1, 2) for k in s)
+    for s in stats:
+        if "eval/toxicity" in s:
+            assert 0 < s["eval/toxicity"] < 1 and 0 <= s["eval/toxic_share"] <= 1 and s["eval/empty_share"] < 1
+            assert 0 < s["eval/distinct_1"] <= s["eval/distinct_2"] <= 1 and s["eval/ref_logprob"] < 0
+    assert all(not s.get("eval") for s in stats[1:]) and all("env/reward_mean" in s for s in stats[1:])
+    events = [os.path.join(d, f) for d, _, files in os.walk(out / "logs") for f in files if "tfevents" in f]
+    accumulator = EventAccumulator(os.path.dirname(events[0])).Reload()
+    for key in EVAL_KEYS:
+        logged = accumulator.Scalars(key)
+        assert [e.step for e in logged] == [0, 3, 4], key
+        assert [e.value for e in logged] == pytest.approx([s[key] for s in stats if key in s], rel=1e-5)
+    assert [e.step for e in accumulator.Scalars("env/reward_mean")] == [1, 2, 3, 4]
+    assert "evaluating 64 held-out prompts x 1" in result.stdout
+    assert f"heldout_tox={stats[-1]['eval/toxicity']:.3f}" in result.stderr  # the progress bar's latest
+
+
+def test_evaluating_changes_nothing_in_training(eval_run, cli_run):
+    """The same run without --eval-every (cli_run) ends at exactly the same weights, through the same episodes."""
+    from safetensors.torch import load_file
+
+    for name in ("model.safetensors", "value_head.safetensors"):
+        with_eval, without = (load_file(run[0] / "final" / name) for run in (eval_run, cli_run))
+        assert with_eval.keys() == without.keys()
+        assert all(torch.equal(with_eval[k], without[k]) for k in without), name
+    assert open(eval_run[0] / "samples.jsonl").read() == open(cli_run[0] / "samples.jsonl").read()
+    trained = [{k: v for k, v in s.items() if not k.startswith(("eval", "time/"))}
+               for s in read_stats(eval_run[0] / "stats.jsonl")[1:]]
+    assert trained == [{k: v for k, v in s.items() if not k.startswith("time/")}
+                       for s in read_stats(cli_run[0] / "stats.jsonl")]
+
+
+def test_eval_run_plots_its_curves_and_cards_them(eval_run):
+    out, result = eval_run
+    stats = read_stats(out / "stats.jsonl")
+    png = open(out / "training_curves.png", "rb").read()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    card = open(out / "final" / "README.md").read()
+    rows = [f"| {s['step']} | {s['eval/toxicity']:.4f} |" for s in stats if "eval/toxicity" in s]
+    assert "## Held-out toxicity during training" in card and "\n".join(rows) in card
+    early = open(out / "checkpoint-2" / "README.md").read()  # a checkpoint's card: the curve so far
+    assert rows[0] in early and rows[1] not in early
+    assert f"{stats[0]['eval/toxicity']:.3f} at step 0, {stats[-1]['eval/toxicity']:.3f} at step 4" in result.stdout
+
+
+def test_a_resumed_eval_run_logs_and_ends_as_the_uninterrupted_one(eval_run, tmp_path, tiny_policy,
+                                                                    tiny_classifier):
+    """Resumed from checkpoint-2: stats.jsonl is cut back to steps 0-2 (the step-0 evaluation kept, not rerun),
+    and the run ends with the uninterrupted run's weights, stats, curve, card and health totals."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copytree(eval_run[0] / "checkpoint-2", out / "checkpoint-2")
+    for name in ("stats.jsonl", "samples.jsonl"):
+        shutil.copy(eval_run[0] / name, out / name)
+    result = run_cli("detoxify_ppo.py", "--model", tiny_policy, "--reward-model", tiny_classifier,
+                     "--dataset", SAMPLE_DATA, "--steps", "4", "--save-every", "2", "--output-dir", out,
+                     "--eval-every", "3", "--resume-from-checkpoint", "auto")
+    assert result.returncode == 0, result.stderr[-3000:]
+    no_times = lambda path: [{k: v for k, v in s.items() if not k.startswith("time/")}  # noqa: E731
+                             for s in read_stats(path)]
+    assert no_times(out / "stats.jsonl") == no_times(eval_run[0] / "stats.jsonl")
+    resumed, uninterrupted = (load_file(o / "final" / "model.safetensors") for o in (out, eval_run[0]))
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+    card = lambda o: open(o / "final" / "README.md").read().split("## Held-out")[1]  # noqa: E731
+    assert card(out) == card(eval_run[0])
+    assert "trl skipped 0 of 64 mini-batches" in result.stdout and (out / "training_curves.png").exists()
+
+
+def test_evaluate_heldout_is_repeatable_and_leaves_rng_and_modes_as_they_were(tiny_policy, tiny_classifier):
+    trainer, tokenizer = tiny_trainer("gpt-neo", tiny_policy)
+    kept = detoxify_ppo.load_prompts(SAMPLE_DATA, "train", 0.3)
+    queries = detoxify_ppo.choose_eval_queries(kept, 12, tokenizer, 10, 15, seed=0)
+    assert len(queries) == 12
+    again = detoxify_ppo.choose_eval_queries(kept, 12, tokenizer, 10, 15, seed=0)
+    assert [q.tolist() for q in again["input_ids"]] == [q.tolist() for q in queries["input_ids"]]
+    assert len(detoxify_ppo.choose_eval_queries(kept.select(range(5)), 12, tokenizer, 10, 15, seed=0)) == 5
+    reward_tokenizer, reward_model = load_classifier(tiny_classifier, "cpu", torch.float32)
+    toxicity_fn = lambda texts: detoxify_ppo.toxic_probability(reward_tokenizer, reward_model, 0, texts)  # noqa
+    trainer.model.train()
+    trainer.model.v_head.eval()  # a mixed state, to be restored as it was
+    modes = [m.training for m in trainer.model.modules()]
+    torch.manual_seed(123)
+    np.random.seed(123)
+    results = [detoxify_ppo.evaluate_heldout(trainer, tokenizer, queries, 2, 20, toxicity_fn, 8, seed=0)
+               for _ in range(2)]
+    after_torch, after_numpy = torch.rand(3), np.random.rand(3)
+    torch.manual_seed(123)
+    np.random.seed(123)
+    assert torch.equal(after_torch, torch.rand(3)) and np.array_equal(after_numpy, np.random.rand(3))
+    assert [m.training for m in trainer.model.modules()] == modes
+    for r in results:
+        r.pop("time/eval")
+    assert results[0] == results[1]
+    # the toxicity is the classifier's "hate" probability (label 1 of the tiny one; the reward is label 0's logit)
+    texts = ["you are a stupid idiot", "the garden is green"]
+    probabilities = torch.softmax(classifier_logits(reward_tokenizer, reward_model, texts), -1)
+    assert torch.equal(toxicity_fn(texts), probabilities[:, 1])
+
+
+def test_response_logprobs_match_one_sequence_at_a_time(tiny_policy):
+    """Padding (rows of other lengths in a batch) changes no row's log-probability."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_policy)
+    pairs = [("the cat said that", " my neighbour is green"), ("you are a", " teacher"), ("we went", " home today")]
+    queries = [torch.tensor(tokenizer(q)["input_ids"]) for q, _ in pairs]
+    responses = [torch.tensor(tokenizer(r)["input_ids"]) for _, r in pairs]
+    sums, counts = detoxify_ppo.response_logprobs(model, queries, responses, tokenizer.eos_token_id, batch_size=3)
+    assert counts == [len(r) for r in responses]
+    for q, r, total in zip(queries, responses, sums):
+        ids = torch.cat([q, r])[None]
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(ids).logits[0, :-1], -1)
+        expected = logprobs[torch.arange(len(q) - 1, ids.shape[1] - 1), r].sum().item()
+        assert total == pytest.approx(expected, abs=1e-4)
+
+
+# ---------------------------------------------------------------- several reward classifiers
+
+def test_reward_is_the_weighted_sum_of_each_classifiers_logit(tiny_classifier):
+    tokenizer, model = load_classifier(tiny_classifier, "cpu", torch.float32)
+    texts = ["the cat is kind.", "you stupid idiot", "the sun feels warm", ""]
+    logits = classifier_logits(tokenizer, model, texts)
+    one, terms = detoxify_ppo.score_responses([("c/nothate", tokenizer, model, 0, 1.0)], texts)
+    assert torch.equal(one, logits[:, 0]) and torch.equal(terms["c/nothate"], logits[:, 0])  # the study's reward
+    both, terms = detoxify_ppo.score_responses([("c/nothate", tokenizer, model, 0, 1.0),
+                                                ("c/hate", tokenizer, model, 1, -0.5)], texts)
+    assert torch.allclose(both, logits[:, 0] - 0.5 * logits[:, 1])
+    assert set(terms) == {"c/nothate", "c/hate"} and torch.equal(terms["c/hate"], logits[:, 1])
+
+
+def test_reward_terms_broadcast_one_label_or_weight():
+    from detox_common import reward_terms
+
+    assert reward_terms(["a", "b"], ["nothate"], [1.0]) == [("a", "nothate", 1.0), ("b", "nothate", 1.0)]
+    assert reward_terms(["a", "b"], ["x", "y"], [1.0, 0.5]) == [("a", "x", 1.0), ("b", "y", 0.5)]
+    with pytest.raises(SystemExit, match="one of each per classifier"):
+        reward_terms(["a", "b"], ["x", "y", "z"], [1.0])
+    args = detoxify_ppo.parse_args(["--reward-model", "x/clf", "y/clf"])
+    with pytest.raises(SystemExit, match="same folder name and label"):
+        detoxify_ppo.check_args(args)
+
+
+def test_two_classifiers_train_log_each_term_and_card_them(tmp_path, tiny_policy, tiny_classifier):
+    """Through the CLI: the classifier's nothate logit minus half its hate logit. Every episode's reward is that
+    sum, each term is logged as env/reward/<name>/<label>, and the card names both."""
+    out = tmp_path / "out"
+    result = run_cli("detoxify_ppo.py", "--model", tiny_policy, "--reward-model", tiny_classifier, tiny_classifier,
+                     "--reward-label", "nothate", "hate", "--reward-weight", "1", "-0.5", "--dataset", SAMPLE_DATA,
+                     "--steps", "2", "--save-every", "0", "--output-dir", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stats = [json.loads(line) for line in open(out / "stats.jsonl")]
+    samples = [json.loads(line) for line in open(out / "samples.jsonl")]
+    tokenizer, model = load_classifier(tiny_classifier, "cpu", torch.bfloat16)  # --reward-dtype auto on CPU
+    for step, line in zip((1, 2), stats):
+        texts = [s["response"] for s in samples if s["step"] == step]
+        logits = classifier_logits(tokenizer, model, texts).float()
+        assert torch.allclose(torch.tensor([s["reward"] for s in samples if s["step"] == step]),
+                              logits[:, 0] - 0.5 * logits[:, 1])
+        assert line["env/reward/classifier/nothate"] == pytest.approx(float(logits[:, 0].mean()), rel=1e-5)
+        assert line["env/reward/classifier/hate"] == pytest.approx(float(logits[:, 1].mean()), rel=1e-5)
+    card = open(out / "final" / "README.md").read()
+    assert f"1 x raw logit of `nothate` from `{tiny_classifier}` + -0.5 x raw logit of `hate` from " \
+           f"`{tiny_classifier}`" in card

@@ -5,6 +5,7 @@ The hub is never reached: "unreachable" is HF_ENDPOINT pointing at a local port 
 (a connection there is refused at once), with the proxies of the environment dropped and an empty HF_HOME."""
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -19,6 +20,11 @@ SAMPLE_RTP = os.path.join(ROOT, "data", "real_toxicity_prompts_sample.jsonl")
 REFUSE_WITHIN = 25  # seconds; the hub's retries alone took 25-29 s, on top of the imports (a few s)
 PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def test_the_readme_states_the_time_these_tests_allow():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        assert f"(the tests allow {REFUSE_WITHIN} s)" in f.read()
 
 
 def run_with_env(script, *args, env_changes=None, unset=(), timeout=120):
@@ -90,6 +96,7 @@ def test_hub_id_with_the_hub_unreachable(case, no_hub, tmp_path, tiny_policy, ti
                                    env_changes=no_hub, unset=OFFLINE_VARS + PROXY_VARS)
     refusal(result, seconds, "cannot reach the Hugging Face Hub", names, "HF_HUB_OFFLINE=1", "local cache",
             "is not in it", "pass a local", "python scripts/make_tiny_models.py tiny", 'README "Run"')
+    assert not (tmp_path / "out").exists()  # no empty output folder left behind
 
 
 def test_hub_id_missing_from_the_cache_offline(tmp_path, tiny_classifier):
@@ -121,6 +128,7 @@ def test_missing_model_path(case, no_hub, tmp_path, tiny_policy, tiny_classifier
                                    env_changes=no_hub, unset=OFFLINE_VARS + PROXY_VARS)
     line = refusal(result, seconds, f"{what} {path} not found: no such folder")
     assert "Repo id" not in line and "Hugging Face Hub" not in line
+    assert not (tmp_path / "out").exists()
 
 
 MISSING_DATA = {  # case: (script, option, missing path)
@@ -136,6 +144,7 @@ def test_missing_dataset_path(case, no_hub, tmp_path, tiny_policy, tiny_classifi
     result, seconds = run_with_env(script, *local_argv(script, tiny_policy, tiny_classifier, tmp_path), option, path,
                                    env_changes=no_hub, unset=OFFLINE_VARS + PROXY_VARS)
     refusal(result, seconds, f"dataset {path} not found: no such file or folder")
+    assert not (tmp_path / "out").exists()
 
 
 def test_file_given_for_a_model_folder(tmp_path, tiny_policy, tiny_classifier):
@@ -208,9 +217,51 @@ def test_app_start_up_lines_name_share_option(tiny_policy, tiny_classifier, tmp_
     text = log.read_text()
     assert f"Running on local URL:  http://127.0.0.1:{port}" in text, text[-3000:]
     assert "restart with --share" in text and "share=True" not in text, text[-3000:]
+    assert not bar_names(text), text[-3000:]  # three models load, and no library bar shows
+
+
+# ---------------------------------------------------------------- quiet output
+
+BAR = re.compile(r"^(.*?):\s*\d+%\|")  # a tqdm bar line: "DESC:  50%|█████     | 1/2 [...]"
+
+
+def bar_names(stderr):
+    """The descriptions of the progress bars a run drew (tqdm redraws with \\r, so split on it too)."""
+    return {m.group(1).strip() for line in re.split(r"[\r\n]", stderr) if (m := BAR.match(line))}
+
+
+@pytest.mark.parametrize("script, own_bars", [("detoxify_ppo.py", {"PPO"}), ("evaluate_toxicity.py", {"policy"})])
+def test_only_the_scripts_own_progress_bars(script, own_bars, tmp_path, tiny_policy, tiny_classifier):
+    """A demo run draws its own bar only; --verbose brings back the libraries' (loading weights, saving, datasets),
+    which shows that the check sees them."""
+    quiet = run_cli(script, *local_argv(script, tiny_policy, tiny_classifier, tmp_path / "quiet"), "--dtype",
+                    "float32", timeout=300)
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    assert bar_names(quiet.stderr) == own_bars, quiet.stderr[-3000:]
+    loud = run_cli(script, *local_argv(script, tiny_policy, tiny_classifier, tmp_path / "loud"), "--dtype",
+                   "float32", "--verbose", timeout=300)
+    assert loud.returncode == 0, loud.stderr[-3000:]
+    assert own_bars < bar_names(loud.stderr) and "Loading weights" in bar_names(loud.stderr), loud.stderr[-3000:]
 
 
 # ---------------------------------------------------------------- scripts/make_tiny_models.py
+
+def test_tiny_models_are_the_same_bits_whatever_the_thread_count(tmp_path, tiny_policy, tiny_classifier):
+    """The README's tiny figures start from these weights: built with one OpenMP thread in a process of its own,
+    they equal the fixtures this process built with its own thread count, byte for byte."""
+    import torch
+
+    threads = torch.get_num_threads()
+    other = "1" if threads != 1 else "2"
+    result, _ = run_with_env("scripts/make_tiny_models.py", tmp_path / "tiny", env_changes={"OMP_NUM_THREADS": other},
+                             timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for built, fixture in ((tmp_path / "tiny" / "policy", tiny_policy), (tmp_path / "tiny" / "classifier",
+                                                                          tiny_classifier)):
+        for name in ("model.safetensors", "tokenizer.json"):
+            assert (built / name).read_bytes() == open(os.path.join(fixture, name), "rb").read(), \
+                f"{name} differs between {threads} and {other} threads"
+
 
 def test_make_tiny_models_keeps_complete_models(tmp_path, tiny_policy, tiny_classifier):
     """A second run finds both folders complete: one line, nothing rebuilt, no time spent."""

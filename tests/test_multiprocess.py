@@ -22,7 +22,8 @@ def two_process_run(tmp_path_factory, tiny_policy, tiny_classifier):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
            os.path.join(ROOT, "detoxify_ppo.py"), "--model", tiny_policy, "--reward-model", tiny_classifier,
-           "--dataset", SAMPLE_DATA, "--steps", "2", "--save-every", "1", "--output-dir", str(out)]
+           "--dataset", SAMPLE_DATA, "--steps", "2", "--save-every", "1", "--output-dir", str(out),
+           "--eval-every", "1", "--eval-prompts", "8"]  # the held-out evaluation runs on rank 0 alone
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-4000:]
     return out, result.stdout + result.stderr
@@ -36,7 +37,9 @@ def test_each_process_trains_on_its_own_prompts(two_process_run):
         by_rank = {r: [s["query"] for s in samples if s["step"] == step and s["process"] == r] for r in (0, 1)}
         assert len(by_rank[0]) == len(by_rank[1]) == 16
         assert not set(by_rank[0]) & set(by_rank[1])
-    assert [json.loads(line)["step"] for line in open(out / "stats.jsonl")] == [1, 2]  # logged once, by rank 0
+    stats = [json.loads(line) for line in open(out / "stats.jsonl")]
+    assert [s["step"] for s in stats] == [0, 1, 2]  # logged once, by rank 0 (step 0: the evaluation before training)
+    assert all("eval/toxicity" in s for s in stats) and (out / "training_curves.png").exists()
 
 
 def test_weights_stay_identical_and_one_process_writes(two_process_run, tiny_policy):
