@@ -71,6 +71,22 @@ def fsync_tree(folder):
                 os.fsync(f.fileno())
 
 
+def check_state_finite(ppo_trainer, model, step):
+    """Nothing non-finite is ever saved: the trainable weights, the value head, the optimizer state and the KL
+    coefficient are checked first (check_finite in detoxify_ppo.py sees only the step's statistics, computed
+    before its last update)."""
+    parts = {"policy weights": [p for n, p in model.pretrained_model.named_parameters() if p.requires_grad],
+             "value head": list(model.v_head.parameters()),
+             "optimizer state": [v for state in ppo_trainer.optimizer.state_dict()["state"].values()
+                                 for v in state.values() if torch.is_tensor(v) and v.is_floating_point()]}
+    bad = [name for name, tensors in parts.items() if not all(torch.isfinite(t).all() for t in tensors)]
+    if not np.isfinite(float(ppo_trainer.kl_ctl.value)):
+        bad.append(f"KL coefficient ({float(ppo_trainer.kl_ctl.value)})")
+    if bad:
+        fail(f"non-finite {' and '.join(bad)} at step {step}; stopped without saving, the last checkpoint in the "
+             "output folder is intact (try a lower --learning-rate or --dtype float32)")
+
+
 def save_checkpoint(ppo_trainer, tokenizer, path, step, training_args, card):
     """Write everything a resume needs into PATH.tmp, flush it, then rename: a crash leaves the old one whole.
 
@@ -82,6 +98,7 @@ def save_checkpoint(ppo_trainer, tokenizer, path, step, training_args, card):
 
     accelerator = ppo_trainer.accelerator
     model = accelerator.unwrap_model(ppo_trainer.model)
+    check_state_finite(ppo_trainer, model, step)
     check_replicas_agree(accelerator, model, step)
     tmp = f"{path}.tmp"
     if accelerator.is_main_process:

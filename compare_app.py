@@ -30,7 +30,16 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import torch
 
 import evaluate_toxicity as ev
-from detox_common import cli_parser, fail, label_index, load_config, quiet_libraries, resolve_dtype
+from detox_common import (
+    check_causal_lm,
+    cli_parser,
+    context_length,
+    fail,
+    label_index,
+    load_config,
+    quiet_libraries,
+    resolve_dtype,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULT_IMAGES = ("toxicity.png", "toxicity_vs_size.png")
@@ -128,8 +137,8 @@ def check_args(args):
     contexts = {}
     for what, name in (("base model", args.base), ("detoxified model", args.detoxified)):
         config = load_config(name, what)
-        ev.check_causal_lm(config, name, what)
-        contexts[name] = ev.context_length(config)
+        check_causal_lm(config, name, what)
+        contexts[name] = context_length(config)
         if contexts[name] is not None and contexts[name] - args.max_new_tokens < 1:
             fail(f"{what} {name} takes {contexts[name]} positions, too few for --max-new-tokens {args.max_new_tokens}")
     label_index(load_config(args.toxicity_model, "toxicity model"), args.toxic_label,

@@ -234,6 +234,40 @@ def load_config(name, what="model", trust_remote_code=False):
         fail(f"could not load {what} {name} ({str(e).splitlines()[0]}); check the hub id or the local path")
 
 
+def context_length(config):
+    """Most positions the model accepts, or None if its config does not say."""
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_causal_lm(config, name, what="model"):
+    """Refuse a config that cannot give a causal LM: a model type without such a head, or a saved model of
+    another head (a classifier of a causal-capable type would load with a random LM head)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        fail(f"{what} {name} is a {config.model_type}, which has no causal LM head")
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if config.architectures and not any(a in causal or a.endswith(("ForCausalLM", "LMHeadModel"))
+                                        for a in config.architectures):
+        fail(f"{what} {name} is a {', '.join(config.architectures)}, not a causal LM")
+
+
+def check_sequence_classifier(config, name, what="classifier"):
+    """Refuse a config that is not a sequence classifier (a causal LM given as the reward model would load with a
+    random classification head and train on noise)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    if config.model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+        fail(f"{what} {name} is a {config.model_type}, which has no sequence classification head")
+    if config.architectures and not any(a.endswith("ForSequenceClassification") for a in config.architectures):
+        fail(f"{what} {name} is a {', '.join(config.architectures)}, not a sequence classifier; give a "
+             "...ForSequenceClassification model")
+
+
 def label_index(config, label, what="classifier"):
     """Index of `label` in the classifier's id2label; a clear error naming the labels it has."""
     id2label = {int(i): str(name) for i, name in (config.id2label or {}).items()}

@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import importlib.util
 import json
+import math
 import os
 import sys
 import tempfile
@@ -30,8 +31,11 @@ import torch
 import checkpoints
 from detox_common import (
     DTYPES,
+    check_causal_lm,
+    check_sequence_classifier,
     classifier_logits,
     cli_parser,
+    context_length,
     fail,
     label_index,
     load_classifier,
@@ -159,6 +163,7 @@ def parse_args(argv=None):
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     config_path = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None)
+    config_path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), config_path)
     if config_path:
         import yaml
 
@@ -211,6 +216,19 @@ def check_args(args):
     if args.log_with != "none" and importlib.util.find_spec(args.log_with) is None:  # trl finds out only at start-up
         fail(f"--log-with {args.log_with} needs the {args.log_with} package: pip install {args.log_with}, or drop "
              "--log-with (stats.jsonl is always written)")
+    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
+        fail(f"--learning-rate must be a finite number above 0, got {args.learning_rate}")
+    if not 0 <= args.seed < 2**32:  # numpy's seeds
+        fail(f"--seed must be in [0, 2**32), got {args.seed}")
+    if args.reward_batch_size < 1:
+        fail(f"--reward-batch-size must be >= 1, got {args.reward_batch_size}")
+    if not 0 <= args.lora_dropout < 1:
+        fail(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
+    if args.init_kl_coef < 0 or not math.isfinite(args.init_kl_coef):
+        fail(f"--init-kl-coef must be a finite number >= 0, got {args.init_kl_coef}")
+    if args.adap_kl_ctrl and not (args.target_kl > 0 and math.isfinite(args.target_kl)):  # trl divides by it
+        fail(f"--target-kl must be a finite number above 0 with the adaptive KL controller, got {args.target_kl} "
+             "(or pass --no-adap-kl-ctrl for a fixed coefficient)")
     if args.num_shared_layers is not None and args.num_shared_layers < 0:
         fail(f"--num-shared-layers must be >= 0, got {args.num_shared_layers}")
     if (args.steps is not None and args.steps < 1) or args.save_every < 0 or args.ppo_epochs < 1:
@@ -290,9 +308,17 @@ class Preflight:
 def preflight(args):
     """Configs first: a wrong model name or label fails in seconds. Then the checkpoint to resume, and free disk."""
     policy_config = load_config(args.model, "model", args.trust_remote_code)
-    reward_indices = tuple(label_index(load_config(model, "reward model"), label, f"reward model {model}")
-                           for model, label, _ in reward_terms(args.reward_model, args.reward_label,
-                                                               args.reward_weight))
+    if not args.trust_remote_code:  # a model of its own code names its own architecture
+        check_causal_lm(policy_config, args.model)
+    positions = context_length(policy_config)
+    if positions is not None and args.max_context_tokens + args.max_new_tokens > positions:
+        fail(f"model {args.model} takes {positions} positions, fewer than --max-context-tokens "
+             f"{args.max_context_tokens} + --max-new-tokens {args.max_new_tokens}; lower them")
+    reward_indices = []
+    for model, label, _ in reward_terms(args.reward_model, args.reward_label, args.reward_weight):
+        reward_config = load_config(model, "reward model")
+        check_sequence_classifier(reward_config, model, "reward model")
+        reward_indices.append(label_index(reward_config, label, f"reward model {model}"))
     num_shared_layers = resolve_shared_layers(args.num_shared_layers, policy_config)
     resume = None
     if args.resume_from_checkpoint:
@@ -305,7 +331,7 @@ def preflight(args):
     while not os.path.exists(existing):  # the folder itself is made once every check has passed
         existing = os.path.dirname(existing)
     checkpoints.check_disk(args.output_dir, existing, need)
-    return Preflight(policy_config, reward_indices, num_shared_layers, resume)
+    return Preflight(policy_config, tuple(reward_indices), num_shared_layers, resume)
 
 
 # ---------------------------------------------------------------------------------------------- data

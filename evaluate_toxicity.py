@@ -32,9 +32,12 @@ from scipy.stats import permutation_test  # at start-up: a missing scipy fails b
 from detox_common import (
     CARD_RESULTS_END,
     CARD_RESULTS_START,
+    check_causal_lm,
     check_hub_reachable,
+    check_sequence_classifier,
     classifier_logits,
     cli_parser,
+    context_length,
     fail,
     label_index,
     load_classifier,
@@ -329,15 +332,6 @@ def load_prompt_rows(dataset, split="auto", revision="auto"):
 
 
 # ---------------------------------------------------------------- generation
-
-def context_length(config):
-    """Most positions the model accepts, or None if its config does not say."""
-    for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
 
 def prompt_ids(tokenizer, texts, max_tokens):
     """Token ids of each prompt, keeping its LAST max_tokens (those nearest the generation), BOS kept if used."""
@@ -704,19 +698,6 @@ def plot(rows, output_dir):
 
 # ---------------------------------------------------------------- main
 
-def check_causal_lm(config, name, what="model"):
-    """Refuse a config that cannot give a causal LM: a model type without such a head, or a saved model of
-    another head (a classifier of a causal-capable type would load with a random LM head)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        fail(f"{what} {name} is a {config.model_type}, which has no causal LM head")
-    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-    if config.architectures and not any(a in causal or a.endswith(("ForCausalLM", "LMHeadModel"))
-                                        for a in config.architectures):
-        fail(f"{what} {name} is a {', '.join(config.architectures)}, not a causal LM")
-
-
 def check_args(args, device):
     """Every error that can be known before loading weights: bad numbers, unknown models, missing labels."""
     for name in ("num_samples", "max_prompt_tokens", "max_new_tokens", "generations_per_prompt", "batch_size",
@@ -736,11 +717,14 @@ def check_args(args, device):
         limits[name] = context_length(config)
         if name in args.models and limits[name] is not None and limits[name] - args.max_new_tokens < 1:
             fail(f"model {name} takes {limits[name]} positions, too few for --max-new-tokens {args.max_new_tokens}")
-    label_index(load_config(args.toxicity_model, "toxicity model"), args.toxic_label,
-                f"toxicity model {args.toxicity_model}")
+    scorer_config = load_config(args.toxicity_model, "toxicity model")
+    check_sequence_classifier(scorer_config, args.toxicity_model, "toxicity model")
+    label_index(scorer_config, args.toxic_label, f"toxicity model {args.toxicity_model}")
     if args.extra_toxicity_model:
-        extra_label = label_index(load_config(args.extra_toxicity_model, "extra toxicity model"),
-                                  args.extra_toxic_label, f"extra toxicity model {args.extra_toxicity_model}")
+        extra_config = load_config(args.extra_toxicity_model, "extra toxicity model")
+        check_sequence_classifier(extra_config, args.extra_toxicity_model, "extra toxicity model")
+        extra_label = label_index(extra_config, args.extra_toxic_label,
+                                  f"extra toxicity model {args.extra_toxicity_model}")
         check_independent(args.extra_toxicity_model, args.models)
     else:
         extra_label = None

@@ -71,6 +71,17 @@ def truncate(path):
         f.truncate(os.path.getsize(path) // 2)
 
 
+def config_folder(folder, kind):
+    """A folder holding only the config.json of a model of another kind: what the start-up checks read."""
+    from transformers import GPTNeoConfig, RobertaConfig
+
+    path = os.path.join(folder, kind)
+    config = (RobertaConfig(architectures=["RobertaForSequenceClassification"]) if kind == "roberta-classifier"
+              else GPTNeoConfig(architectures=["GPTNeoForCausalLM"]))
+    config.save_pretrained(path)
+    return path
+
+
 # name: (extra arguments given the work folder w, expected piece of the message)
 TRAIN_CASES = {
     "missing model": (lambda w: ["--model", f"{w}/no-such-model"], "model"),
@@ -124,6 +135,20 @@ TRAIN_CASES = {
     "config with unknown option": (lambda w: ["--config", text_file(w, "bad.yaml", "learning-rate: 1\nsteps_: 3\n")],
                                    "unknown options ['steps_']"),
     "resume of a finished run": (lambda w: ["--resume-from-checkpoint", f"{w}/out/final"], "nothing to do"),
+    "classifier as the policy": (lambda w: ["--model", config_folder(w, "roberta-classifier")],
+                                 "is a RobertaForSequenceClassification, not a causal LM"),
+    "causal LM as the reward model": (lambda w: ["--reward-model", config_folder(w, "gpt-neo-lm")],
+                                      "is a GPTNeoForCausalLM, not a sequence classifier"),
+    "context and response past the positions": (lambda w: ["--max-context-tokens", "100"],
+                                                "takes 128 positions, fewer than --max-context-tokens 100"),
+    "infinite learning rate": (lambda w: ["--learning-rate", "inf"], "--learning-rate must be a finite number"),
+    "negative seed": (lambda w: ["--seed", "-1"], "--seed must be in [0, 2**32)"),
+    "zero reward batch size": (lambda w: ["--reward-batch-size", "0"], "--reward-batch-size must be >= 1"),
+    "LoRA dropout 1": (lambda w: ["--use-peft", "--lora-dropout", "1"], "--lora-dropout must be in [0, 1)"),
+    "target KL 0": (lambda w: ["--target-kl", "0"], "--target-kl must be a finite number above 0"),
+    "negative KL coefficient": (lambda w: ["--init-kl-coef", "-1"], "--init-kl-coef must be a finite number >= 0"),
+    "config given with =": (lambda w: [f"--config={text_file(w, 'eq.yaml', 'steps_: 3')}"],
+                            "unknown options ['steps_']"),
     "more reward labels than classifiers": (lambda w: ["--reward-label", "nothate", "hate"],
                                             "give one --reward-label and one --reward-weight, or one of each"),
     "infinite reward weight": (lambda w: ["--reward-weight", "inf"], "--reward-weight must be finite"),
@@ -179,6 +204,7 @@ EVAL_CASES = {
     "missing toxicity module": (lambda w, p, c: ["--toxicity-module", f"{w}/no-module"], "toxicity module"),
     "classifier as a model": (lambda w, p, c: ["--models", c],
                               "is a RobertaForSequenceClassification, not a causal LM"),
+    "causal LM as the scorer": (lambda w, p, c: ["--toxicity-model", p], "is a GPTNeoForCausalLM, not a sequence"),
     "extra scorer the model was trained on": (
         lambda w, p, c: ["--models", trained_on(w, p, c), "--extra-toxicity-model", c, "--extra-toxic-label", "hate"],
         "is a reward classifier"),

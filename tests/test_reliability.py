@@ -190,3 +190,41 @@ def test_too_little_free_disk_is_refused_before_models_load(tiny_policy, tiny_cl
         detoxify_ppo.main(["--model", tiny_policy, "--reward-model", tiny_classifier, "--dataset", SAMPLE_DATA,
                            "--output-dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()  # a refused run leaves no empty output folder behind
+
+
+def test_nothing_non_finite_is_saved(tiny_policy, tmp_path):
+    """Each part a checkpoint holds is checked before anything is written: a NaN weight, value head, optimizer
+    moment or KL coefficient stops the save with one line naming it, and no folder (or .tmp) appears."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import PPOConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_policy)
+    tokenizer.pad_token = tokenizer.eos_token
+    model, ref = detoxify_ppo.build_models(AutoModelForCausalLM.from_pretrained(tiny_policy), 2)
+    trainer = detoxify_ppo.build_ppo_trainer(PPOConfig(batch_size=16, mini_batch_size=4), model, ref, tokenizer, 2)
+    trainable = next(p for p in model.pretrained_model.parameters() if p.requires_grad)
+    trainer.optimizer.state[trainable] = {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(trainable),
+                                          "exp_avg_sq": torch.zeros_like(trainable)}
+    path = str(tmp_path / "checkpoint-1")
+
+    def refused(what):
+        with pytest.raises(SystemExit) as stop:
+            checkpoints.save_checkpoint(trainer, tokenizer, path, 1, {"seed": 0}, "card")
+        assert str(stop.value).startswith("error: non-finite") and what in str(stop.value), stop.value
+        assert os.listdir(tmp_path) == []
+
+    with torch.no_grad():
+        trainable[0].view(-1)[0] = float("nan")
+        refused("policy weights at step 1")
+        trainable[0].view(-1)[0] = 0.0
+        model.v_head.summary.bias[0] = float("inf")
+        refused("value head")
+        model.v_head.summary.bias[0] = 0.0
+    trainer.optimizer.state[trainable]["exp_avg_sq"][0] = float("nan")
+    refused("optimizer state")
+    trainer.optimizer.state[trainable]["exp_avg_sq"].zero_()
+    trainer.kl_ctl.value = float("nan")
+    refused("KL coefficient (nan)")
+    trainer.kl_ctl.value = 0.2
+    checkpoints.save_checkpoint(trainer, tokenizer, path, 1, {"seed": 0}, "card")  # all finite again: saved
+    assert os.listdir(tmp_path) == ["checkpoint-1"]
