@@ -192,3 +192,23 @@ def test_the_heldout_curve_line_reads_the_demos_evaluations(tmp_path):
     import detoxify_ppo
 
     assert r.EVAL_PROMPTS == detoxify_ppo.Args().eval_prompts  # the demo runs with the default
+
+
+def test_the_readmes_stats_one_liner_prints_step_reward_and_kl(tmp_path):
+    """README "Watching a run": the `tail -f stats.jsonl | python -c ...` line, run on a stats.jsonl that starts
+    with an --eval-every line (no reward or KL in it)."""
+    import json
+    import shlex
+    import subprocess
+    import sys
+
+    line = next(c for c in readme_commands() if c.startswith("tail -f"))
+    program = shlex.split(line.split("|", 1)[1])
+    assert program[:2] == ["python", "-c"]
+    stats = [{"step": 0, "eval": True, "eval/toxicity": 0.5},
+             {"step": 1, "env/reward_mean": 1.23456, "objective/kl": 0.0},
+             {"step": 2, "env/reward_mean": 2.5, "objective/kl": 0.94321, "eval/toxicity": 0.1}]
+    result = subprocess.run([sys.executable, *program[1:]], input="".join(json.dumps(s) + "\n" for s in stats),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["1 1.235 0.0", "2 2.5 0.943"]
