@@ -1,19 +1,23 @@
 """Checkpoints and faults of detoxify_ppo.py: save, find, check, load and prune checkpoints; RNG state; the replica
 check; free disk; stopping on a signal; the stats/samples logs; the model card; merged LoRA saves and hub upload."""
 
+import ctypes
+import errno
 import json
+import math
 import os
 import random
 import re
 import shutil
 import signal
 import sys
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from detox_common import CARD_RESULTS_END, CARD_RESULTS_START, fail, reward_terms
+from detox_common import CARD_RESULTS_END, CARD_RESULTS_START, fail, fsync_folder, reward_terms
 
 # What a checkpoint must hold to resume; anything missing or unreadable is reported by name.
 CHECKPOINT_FILES = ["config.json", "model.safetensors", "value_head.safetensors", "optimizer.pt",
@@ -87,8 +91,57 @@ def check_state_finite(ppo_trainer, model, step):
              "output folder is intact (try a lower --learning-rate or --dtype float32)")
 
 
+def exchange(a, b):
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system or file system can't."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    if ctypes.get_errno() in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()), b)
+
+
+def replace_folder(new, path):
+    """Put the finished folder `new` (PATH.tmp) at PATH with no moment where PATH is missing: swapped in one step,
+    then the old one removed. Where a swap is impossible, PATH goes to PATH.old first, and recover_folders puts it
+    back should a crash fall in between."""
+    if os.path.exists(path) and exchange(new, path):
+        shutil.rmtree(new)  # now the old folder
+    else:
+        old = f"{path}.old"
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(new, path)
+        shutil.rmtree(old, ignore_errors=True)
+    fsync_folder(os.path.dirname(path) or ".")
+
+
+def recover_folders(output_dir):
+    """Leftovers of a save that was cut short: PATH.tmp is never whole (or is an old copy swapped out) and goes;
+    PATH.old goes once PATH exists, and otherwise is PATH, whole, and is put back. Returns what it did."""
+    done = []
+    if not os.path.isdir(output_dir):
+        return done
+    for name in sorted(os.listdir(output_dir)):
+        m = re.fullmatch(r"(checkpoint-\d+|final|final-merged)\.(tmp|old)", name)
+        if not m:
+            continue
+        leftover, path = os.path.join(output_dir, name), os.path.join(output_dir, m.group(1))
+        if m.group(2) == "old" and not os.path.exists(path):
+            os.replace(leftover, path)
+            done.append(f"put {m.group(1)} back from {name}")
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+            done.append(f"removed {name}")
+    return done
+
+
 def save_checkpoint(ppo_trainer, tokenizer, path, step, training_args, card):
-    """Write everything a resume needs into PATH.tmp, flush it, then rename: a crash leaves the old one whole.
+    """Write everything a resume needs into PATH.tmp, flush it, then swap it in: a crash leaves the old one whole.
 
     PATH holds a plain causal LM in safetensors (AutoModelForCausalLM.from_pretrained(PATH) loads it), its
     tokenizer, the value head (float32, as trl keeps it), the optimizer, the KL controller, the step, every
@@ -101,41 +154,47 @@ def save_checkpoint(ppo_trainer, tokenizer, path, step, training_args, card):
     check_state_finite(ppo_trainer, model, step)
     check_replicas_agree(accelerator, model, step)
     tmp = f"{path}.tmp"
-    if accelerator.is_main_process:
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        accelerator.wait_for_everyone()
+        torch.save(rng_state(), os.path.join(tmp, f"rng_state_{accelerator.process_index}.pth"))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            model.pretrained_model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            save_file({k: v.contiguous() for k, v in model.v_head.state_dict().items()},
+                      os.path.join(tmp, "value_head.safetensors"))
+            torch.save(ppo_trainer.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+            state = {"step": step, "kl_coef": float(ppo_trainer.kl_ctl.value),
+                     "num_processes": accelerator.num_processes}
+            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+                json.dump(state, f)
+            with open(os.path.join(tmp, "training_args.json"), "w") as f:
+                json.dump(training_args, f, indent=2)
+            with open(os.path.join(tmp, "README.md"), "w") as f:
+                f.write(card)
+            fsync_tree(tmp)
+            replace_folder(tmp, path)
+    except Exception as e:  # a full disk or a failing write: torch and safetensors wrap the OSError in their own
         shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    accelerator.wait_for_everyone()
-    torch.save(rng_state(), os.path.join(tmp, f"rng_state_{accelerator.process_index}.pth"))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        model.pretrained_model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        save_file({k: v.contiguous() for k, v in model.v_head.state_dict().items()},
-                  os.path.join(tmp, "value_head.safetensors"))
-        torch.save(ppo_trainer.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-        state = {"step": step, "kl_coef": float(ppo_trainer.kl_ctl.value), "num_processes": accelerator.num_processes}
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump(state, f)
-        with open(os.path.join(tmp, "training_args.json"), "w") as f:
-            json.dump(training_args, f, indent=2)
-        with open(os.path.join(tmp, "README.md"), "w") as f:
-            f.write(card)
-        fsync_tree(tmp)
-        old = f"{path}.old"
-        if os.path.exists(path):
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        fail(f"cannot save {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); the checkpoints "
+             "saved before are intact: free some space, then run the same command with --resume-from-checkpoint auto")
     accelerator.wait_for_everyone()
 
 
 def save_merged(ppo_trainer, tokenizer, path, card):
     """PATH: LoRA adapters folded into the base weights, loadable by AutoModelForCausalLM alone."""
     merged = ppo_trainer.accelerator.unwrap_model(ppo_trainer.model).pretrained_model.merge_and_unload()
-    merged.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    with open(os.path.join(path, "README.md"), "w") as f:
+    tmp = f"{path}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    with open(os.path.join(tmp, "README.md"), "w") as f:
         f.write(card)
+    fsync_tree(tmp)
+    replace_folder(tmp, path)
 
 
 def push_to_hub(folder, repo_id):
@@ -156,6 +215,25 @@ def checkpoint_steps(output_dir):
     return sorted(int(m.group(1)) for name in os.listdir(output_dir) if (m := re.fullmatch(r"checkpoint-(\d+)", name)))
 
 
+# what a run writes in its output folder (README "What a run writes"); --overwrite-output-dir removes it first
+RUN_FILES = ("final", "final-merged", "stats.jsonl", "samples.jsonl", "training_args.json", "heldout_prompts.jsonl",
+             "training_curves.png", "logs")
+
+
+def remove_run(output_dir):
+    """Remove an earlier run from output_dir (its checkpoints first, so a crash in between never leaves a folder
+    that resumes from them); other files stay. Returns the names removed."""
+    names = [f"checkpoint-{step}" for step in checkpoint_steps(output_dir)]
+    names += [name for name in RUN_FILES if os.path.lexists(os.path.join(output_dir, name))]
+    for name in names:
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    return names
+
+
 def prune_checkpoints(output_dir, keep):
     """Keep the newest `keep` checkpoint-STEP folders (final/ is never pruned)."""
     for step in checkpoint_steps(output_dir)[:-keep]:
@@ -163,19 +241,32 @@ def prune_checkpoints(output_dir, keep):
 
 
 # ---------------------------------------------------------------------------------------------- find and load
-def find_checkpoint(resume_from, output_dir, use_peft, data_order):
+def find_checkpoint(resume_from, output_dir, use_peft, data_order, value_head_width, clearing_output_dir=False):
     """The ResumePoint that `resume_from` names ('auto': the newest checkpoint-STEP in output_dir, None if there is
-    none), checked whole and made with the same `data_order` values (a dict of the options that decide the batches)."""
+    none), checked whole and made with the same `data_order` values (a dict of the options that decide the batches)
+    and a value head of `value_head_width` inputs (the policy's hidden size, None: unknown). A checkpoint of another
+    folder seeds only an empty output_dir, or one about to be cleared (--overwrite-output-dir)."""
     path = resume_from
     if path == "auto":
+        if os.path.isdir(os.path.join(output_dir, "final")):
+            fail(f"{output_dir} already holds a finished run (final/); to train it further pass "
+                 f"--resume-from-checkpoint {os.path.join(output_dir, 'final')} with a larger --steps, or pick another "
+                 "--output-dir")
         steps = checkpoint_steps(output_dir)
         if not steps:  # nothing to resume: a pre-empted job can rerun one command from the start
-            if os.path.isdir(os.path.join(output_dir, "final")):
-                fail(f"{output_dir} already holds a finished run (final/); pick another --output-dir")
             return None
         path = os.path.join(output_dir, f"checkpoint-{steps[-1]}")
     if not os.path.isdir(path):
         fail(f"--resume-from-checkpoint {path}: no such folder")
+    own = os.path.realpath(os.path.dirname(os.path.normpath(path))) == os.path.realpath(output_dir)
+    leftover = [n for n in os.listdir(output_dir) if n != ".detox.lock" and not (clearing_output_dir and (
+        n in RUN_FILES or re.fullmatch(r"checkpoint-\d+", n)))]
+    if not own and leftover:  # runs are never mixed
+        fail(f"--resume-from-checkpoint {path} is not in --output-dir {output_dir}, which holds other files; a "
+             "checkpoint of another folder starts a run only in an empty or new --output-dir")
+    if own and os.path.basename(os.path.normpath(path)) != "final" and os.path.isdir(os.path.join(output_dir, "final")):
+        fail(f"{output_dir} holds a finished run (final/): resuming from {path} would replace it; resume into an "
+             "empty or new --output-dir instead")
     required = [LORA_FILES.get(n, n) for n in CHECKPOINT_FILES] if use_peft else CHECKPOINT_FILES
     missing = [name for name in required if not os.path.isfile(os.path.join(path, name))]
     if missing:
@@ -185,14 +276,28 @@ def find_checkpoint(resume_from, output_dir, use_peft, data_order):
             state = json.load(f)
         with open(os.path.join(path, "training_args.json")) as f:
             saved_args = json.load(f)
-        from safetensors import safe_open
+        problem = trainer_state_problem(state)
+        if problem is None:
+            missing = [f"rng_state_{i}.pth" for i in range(state["num_processes"])
+                       if not os.path.isfile(os.path.join(path, f"rng_state_{i}.pth"))]
+            problem = f"missing {', '.join(missing)}" if missing else None
+        for name in ["optimizer.pt"] + [f"rng_state_{i}.pth" for i in range(state.get("num_processes", 0))]:
+            if problem is None and not zipfile.is_zipfile(os.path.join(path, name)):  # torch.save writes a zip
+                problem = f"{name} is not a file torch.save wrote (cut short?)"
+        if problem is None:
+            from safetensors import safe_open
 
-        for name in (LORA_FILES["model.safetensors"] if use_peft else "model.safetensors", "value_head.safetensors"):
-            with safe_open(os.path.join(path, name), "pt"):
-                pass  # safetensors checks that the header's tensors cover the file: a truncated one fails here
+            weights = LORA_FILES["model.safetensors"] if use_peft else "model.safetensors"
+            for name in (weights, "value_head.safetensors"):
+                with safe_open(os.path.join(path, name), "pt") as f:  # a truncated file fails here
+                    shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
+            if value_head_width and shapes.get("summary.weight", [1, value_head_width]) != [1, value_head_width]:
+                problem = (f"its value head takes {shapes['summary.weight'][1]} inputs, the policy gives "
+                           f"{value_head_width}: it is not a checkpoint of this --model")
     except Exception as e:
-        fail(f"checkpoint {path} is corrupt ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-             "resume from an earlier checkpoint")
+        problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if problem:
+        fail(f"checkpoint {path} is corrupt ({problem}); resume from an earlier checkpoint")
     changed = [k for k, v in data_order.items() if saved_args.get(k) != v]
     if changed:
         fail(f"checkpoint {path} was trained with other {', '.join('--' + k.replace('_', '-') for k in changed)} "
@@ -200,36 +305,58 @@ def find_checkpoint(resume_from, output_dir, use_peft, data_order):
     return ResumePoint(path, state["step"], state["kl_coef"], state["num_processes"])
 
 
-def load_checkpoint(ppo_trainer, resume):
-    """Restore weights (or adapters), value head, optimizer, KL coefficient, trl's step and this process's RNG."""
+def trainer_state_problem(state):
+    """What is wrong with a trainer_state.json's content, or None."""
+    if not isinstance(state, dict):
+        return "trainer_state.json is not a JSON object"
+    kinds = {"step": int, "kl_coef": (int, float), "num_processes": int}
+    for key, kind in kinds.items():
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            return f"trainer_state.json has no valid {key!r} ({state.get(key)!r})"
+    if state["step"] < 0 or state["num_processes"] < 1 or not (math.isfinite(state["kl_coef"]) and
+                                                               state["kl_coef"] >= 0):
+        return f"trainer_state.json holds impossible values ({state})"
+    return None
+
+
+def load_checkpoint(ppo_trainer, resume, learning_rate):
+    """Restore weights (or adapters), value head, optimizer, KL coefficient, trl's step and this process's RNG. The
+    optimizer then runs at `learning_rate` (a resume may change --learning-rate); returns the one it was saved with."""
     from safetensors.torch import load_file
 
     accelerator = ppo_trainer.accelerator
     device = str(accelerator.device)
     model = accelerator.unwrap_model(ppo_trainer.model)
-    if os.path.isfile(os.path.join(resume.path, LORA_FILES["model.safetensors"])):
-        from peft import set_peft_model_state_dict
+    try:
+        if os.path.isfile(os.path.join(resume.path, LORA_FILES["model.safetensors"])):
+            from peft import set_peft_model_state_dict
 
-        adapters = load_file(os.path.join(resume.path, LORA_FILES["model.safetensors"]), device=device)
-        set_peft_model_state_dict(model.pretrained_model, adapters)
-    else:
-        weights = load_file(os.path.join(resume.path, "model.safetensors"), device=device)
-        current = model.pretrained_model.state_dict()
-        loaded = {current[k].data_ptr() for k in weights if k in current}
-        missing = [k for k in current if k not in weights and current[k].data_ptr() not in loaded]  # tied: loaded
-        unexpected = [k for k in weights if k not in current]
-        if missing or unexpected:
-            fail(f"checkpoint {resume.path} does not fit --model {model.config._name_or_path}: missing {missing[:3]}, "
-                 f"unexpected {unexpected[:3]}")
-        model.pretrained_model.load_state_dict(weights, strict=False)
-    model.v_head.load_state_dict(load_file(os.path.join(resume.path, "value_head.safetensors"), device=device))
-    ppo_trainer.optimizer.load_state_dict(torch.load(os.path.join(resume.path, "optimizer.pt"), map_location=device,
-                                                     weights_only=False))
+            adapters = load_file(os.path.join(resume.path, LORA_FILES["model.safetensors"]), device=device)
+            set_peft_model_state_dict(model.pretrained_model, adapters)
+        else:
+            weights = load_file(os.path.join(resume.path, "model.safetensors"), device=device)
+            current = model.pretrained_model.state_dict()
+            loaded = {current[k].data_ptr() for k in weights if k in current}
+            missing = [k for k in current if k not in weights and current[k].data_ptr() not in loaded]  # tied: loaded
+            unexpected = [k for k in weights if k not in current]
+            if missing or unexpected:
+                fail(f"checkpoint {resume.path} does not fit --model {model.config._name_or_path}: missing "
+                     f"{missing[:3]}, unexpected {unexpected[:3]}")
+            model.pretrained_model.load_state_dict(weights, strict=False)
+        model.v_head.load_state_dict(load_file(os.path.join(resume.path, "value_head.safetensors"), device=device))
+        ppo_trainer.optimizer.load_state_dict(torch.load(os.path.join(resume.path, "optimizer.pt"),
+                                                         map_location=device, weights_only=False))
+        rng_file = os.path.join(resume.path, f"rng_state_{accelerator.process_index}.pth")
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
+        fail(f"checkpoint {resume.path} cannot be loaded ({type(e).__name__}: "
+             f"{str(e).splitlines()[0] if str(e) else ''}); resume from an earlier checkpoint")
+    saved_learning_rate = ppo_trainer.optimizer.param_groups[0]["lr"]
+    for group in ppo_trainer.optimizer.param_groups:
+        group["lr"] = learning_rate
     ppo_trainer.kl_ctl.value = resume.kl_coef
     ppo_trainer.current_step = resume.step  # trl logs to trackers at this step
-    rng_file = os.path.join(resume.path, f"rng_state_{accelerator.process_index}.pth")
-    set_rng_state(torch.load(rng_file, weights_only=False))
-    return resume.step
+    return saved_learning_rate
 
 
 # ---------------------------------------------------------------------------------------------- signals and logs
@@ -266,7 +393,7 @@ class StopRequest:
 class RunLog:
     """stats.jsonl (every step's scalars; with --eval-every first a step-0 line of the evaluation before training)
     and samples.jsonl (every episode), on the main process only. A resumed run first cuts them back to its
-    checkpoint's step (rewritten whole, then renamed), so they match an uninterrupted run."""
+    checkpoint's step (cut_log), so they match an uninterrupted run."""
 
     NAMES = ("stats", "samples")
 
@@ -278,26 +405,65 @@ class RunLog:
         for name in self.NAMES:
             path = os.path.join(output_dir, f"{name}.jsonl")
             if resume_step is not None and os.path.exists(path):
-                with open(path) as f, open(f"{path}.tmp", "w") as kept:
-                    for line in f:
-                        if json.loads(line)["step"] <= resume_step:
-                            kept.write(line)
-                            if name == "stats":
-                                self.kept_stats.append(json.loads(line))
-                os.replace(f"{path}.tmp", path)
+                records = cut_log(path, resume_step, keep_records=name == "stats")
+                if name == "stats":
+                    self.kept_stats = records
             self.files[name] = open(path, "a" if resume_step is not None else "w")
 
     def write(self, step, scalars, episodes):
         if not self.files:
             return
-        self.files["stats"].write(json.dumps({"step": step, **scalars}) + "\n")
-        self.files["samples"].writelines(json.dumps(e) + "\n" for e in episodes)
-        for f in self.files.values():
-            f.flush()
+        try:
+            self.files["stats"].write(json.dumps({"step": step, **scalars}) + "\n")
+            self.files["samples"].writelines(json.dumps(e) + "\n" for e in episodes)
+            for f in self.files.values():
+                f.flush()
+        except OSError as e:
+            fail(f"cannot write the logs of step {step} ({e.strerror}); the checkpoints saved before are intact: free "
+                 "some space, then run the same command with --resume-from-checkpoint auto")
 
     def close(self):
         for f in self.files.values():
-            f.close()
+            try:
+                f.close()
+            except OSError:  # a full disk was already reported by write()
+                pass
+
+
+def cut_log(path, resume_step, keep_records):
+    """Cut a stats/samples log back to resume_step: the kept lines go to PATH.tmp, fsynced, renamed over PATH (a kill
+    leaves the old file whole). A last line cut short (a kill while it was written) is past the checkpoint, whose
+    step's lines were flushed before it was saved, and is dropped; any other bad line is an error naming the line.
+    Returns the kept lines' records when keep_records, else []."""
+    records, tmp = [], f"{path}.tmp"
+    try:
+        with open(path) as f, open(tmp, "w") as out:
+            for number, line in enumerate(f, 1):
+                try:
+                    record = json.loads(line)
+                    step = record["step"]
+                    if not isinstance(step, int):
+                        raise TypeError(step)
+                except (ValueError, KeyError, TypeError):
+                    if not line.endswith("\n"):  # only the last line can lack its newline
+                        break
+                    fail(f"{path} line {number} is not a log line of detoxify_ppo.py; move the file away (the run then "
+                         "logs from the checkpoint on) or resume from another checkpoint")
+                if step <= resume_step:
+                    out.write(line)
+                    if keep_records:
+                        records.append(record)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+        fsync_folder(os.path.dirname(path) or ".")
+    except OSError as e:
+        fail(f"cannot cut {path} back to step {resume_step} ({e.strerror}); it is unchanged: free some space, then "
+             "run again")
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return records
 
 
 # ---------------------------------------------------------------------------------------------- model card

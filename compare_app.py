@@ -83,18 +83,11 @@ def read_examples(path, num_examples, max_prompt_chars):
     """Up to num_examples toxic prompts of the evaluation data at path (read as evaluate_toxicity.py reads
     --dataset), picked as it picks them (seed 0), leaving out those longer than max_prompt_chars."""
     rows = ev.load_prompt_rows(path)
-    error = None
-    for n in range(num_examples, 0, -1):  # choose_prompts refuses to return fewer than asked: ask for fewer
-        try:
-            prompts = ev.choose_prompts(rows, n, seed=0)
-        except SystemExit as e:
-            error = e
-            continue
-        short = [text for _, text in prompts if text.strip() and len(text) <= max_prompt_chars]
-        if short:
-            return short
+    prompts = ev.choose_prompts(rows, num_examples, seed=0, source=f"--examples {path}", at_most=True)
+    short = [text for _, text in prompts if text.strip() and len(text) <= max_prompt_chars]
+    if not short:
         fail(f"every example prompt in {path} is longer than --max-prompt-chars {max_prompt_chars}")
-    raise error
+    return short
 
 
 def read_results(folder):
@@ -154,16 +147,31 @@ def first_ports():
     return range(start, start + int(os.environ.get("GRADIO_NUM_PORTS", "100")))
 
 
+RESOLVE_TIMEOUT = 5.0  # seconds to wait for the name service to resolve --host
+
+
 def check_address(host, port):
     """Stop now, before any weights load, if the app could not listen on host:port (port 0: the first free one
     from 7860); returns the port it would get. A bind of a socket, closed at once, tells."""
     bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # [::1] as a browser writes it
     not_here = (f"--host {host} is not an address of this machine; use 127.0.0.1 (this machine only) or 0.0.0.0 "
                 "(every network interface)")
-    try:
-        family, _, _, _, address = socket.getaddrinfo(bare, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    except (socket.gaierror, UnicodeError):
-        fail(not_here)
+    found = []
+
+    def resolve():  # in a thread: a name service that never answers would hold the start-up for long
+        try:
+            found.append(socket.getaddrinfo(bare, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0])
+        except (socket.gaierror, UnicodeError) as e:  # 999.1.1.1 too: no IPv4 address, so looked up as a name
+            found.append(e)
+
+    thread = threading.Thread(target=resolve, daemon=True)
+    thread.start()
+    thread.join(RESOLVE_TIMEOUT)
+    if not found or isinstance(found[0], Exception):
+        why = f"no answer in {RESOLVE_TIMEOUT:g} s" if not found else getattr(found[0], "strerror", None) or found[0]
+        fail(f"--host {host} is neither an address nor a name this machine resolves ({why}); use 127.0.0.1 (this "
+             "machine only) or 0.0.0.0 (every network interface)")
+    family, _, _, _, address = found[0]
     for candidate in [port] if port else first_ports():
         with socket.socket(family, socket.SOCK_STREAM) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is no obstacle

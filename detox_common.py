@@ -1,11 +1,16 @@
 """Code both scripts need: loading datasets and classifiers by hub id or local path, with one-line errors."""
 
 import argparse
+import fcntl
 import functools
+import io
+import json
 import math
 import os
 import socket
+import sys
 import threading
+import time
 import urllib.parse
 import urllib.request
 
@@ -34,13 +39,120 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return super()._get_help_string(action)
 
 
-def cli_parser(dataclass_types, doc, no_flag_help=None):
+def write_atomic(path, data):
+    """Write text or bytes to PATH.tmp, fsync it, rename it over PATH and fsync the folder: a crash, a kill or a full
+    disk leaves either the old file or the new one, whole (a leftover PATH.tmp is simply overwritten next time)."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        fail(f"cannot write {path} ({e.strerror}); free some space or fix the folder's permissions, then run again "
+             "(the file as it was before is unchanged)")
+    fsync_folder(os.path.dirname(path) or ".")
+
+
+def fsync_folder(folder):
+    """Make a rename in `folder` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_figure(fig, path, dpi=120):
+    """A matplotlib figure as PNG, written atomically (write_atomic)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    write_atomic(path, buffer.getvalue())
+
+
+class OutputLock:
+    """One run at a time in an output folder: an exclusive flock on FOLDER/.detox.lock, held until the run ends.
+    The kernel drops it when the process dies however it dies (kill -9 too), so a lock file left behind never blocks
+    a later run; the file names its holder for the message a second run gets. Under `accelerate launch` only the
+    process of RANK 0 takes it. Leaving the `with` block, a folder this run created and left empty is removed, so
+    a refused run leaves nothing behind."""
+
+    FILE = ".detox.lock"
+
+    def __init__(self, folder, what):
+        self.folder, self.what, self.fd = folder, what, None
+        self.created = not os.path.exists(folder)
+
+    def __enter__(self):
+        if os.environ.get("RANK", "0") != "0":
+            return self
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+            self.fd = os.open(os.path.join(self.folder, self.FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            fail(f"--output-dir {self.folder} is not writable ({e.strerror}); pick another folder")
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 4096, 0)
+            os.close(self.fd)
+            self.fd = None
+            fail(self.in_use(self.folder, holder))
+        os.ftruncate(self.fd, 0)
+        command = " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])[:300]
+        os.pwrite(self.fd, f"{self.what} (pid {os.getpid()} on {socket.gethostname()}, started "
+                           f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {command})\n".encode(), 0)
+        return self
+
+    @classmethod
+    def refuse_if_held(cls, folder):
+        """Refuse at once, naming the holder, when another run holds folder (before checks that would misread its
+        files as an earlier run's)."""
+        path = os.path.join(folder, cls.FILE)
+        if not os.path.isfile(path) or os.environ.get("RANK", "0") != "0":
+            return
+        with open(path, "rb") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)  # let go when the file closes
+            except BlockingIOError:
+                fail(cls.in_use(folder, f.read(4096)))
+
+    @staticmethod
+    def in_use(folder, holder):
+        holder = holder.decode(errors="replace").strip() or "another process"
+        return f"--output-dir {folder} is in use by {holder}; wait for it to end, or pick another folder"
+
+    def __exit__(self, *exc):
+        if self.fd is None:
+            return
+        if self.created and os.listdir(self.folder) == [self.FILE]:
+            os.remove(os.path.join(self.folder, self.FILE))
+            os.rmdir(self.folder)
+        os.close(self.fd)  # closing the file drops the flock
+        self.fd = None
+
+
+def cli_parser(dataclass_types, doc, no_flag_help=None, error_context=""):
     """The HfArgumentParser of a script: its docstring's first paragraph on top of --help, the rest (examples)
-    below; --dash-options first, as the README writes them; no_flag_help: dest -> help of its --no-FLAG."""
+    below; --dash-options first, as the README writes them; no_flag_help: dest -> help of its --no-FLAG. A parse
+    error is one `error:` line, which starts with error_context (e.g. the config file it comes from)."""
     from transformers import HfArgumentParser
 
+    class Parser(HfArgumentParser):
+        def error(self, message):  # argparse's usage block and "prog: error:" become the one line of every refusal
+            fail(f"{error_context}{message}; see --help")
+
+        def parse_args_into_dataclasses(self, args=None, **kwargs):
+            *parsed, unknown = super().parse_args_into_dataclasses(args=args, return_remaining_strings=True, **kwargs)
+            if unknown:
+                self.error(f"unrecognized arguments: {' '.join(unknown)}")
+            return tuple(parsed)
+
     summary, _, details = doc.strip().partition("\n\n")
-    parser = HfArgumentParser(dataclass_types, formatter_class=HelpFormatter, description=summary, epilog=details)
+    parser = Parser(dataclass_types, formatter_class=HelpFormatter, description=summary, epilog=details)
     for action in parser._actions:
         action.option_strings.sort(key=lambda name: "_" in name)
         if no_flag_help and action.option_strings[0].startswith("--no-"):
@@ -60,13 +172,13 @@ def reward_terms(reward_models, reward_labels, reward_weights):
             for i, model in enumerate(reward_models)]
 
 
-def quiet_libraries(verbose):
+def quiet_libraries(verbose, evaluate_library=True):
     """Only the script's own progress bar and lines, unless --verbose: the libraries' bars (loading weights, writing
-    shards, datasets' map/filter/json, evaluate's downloads) and notices would bury them."""
+    shards, datasets' map/filter/json, evaluate's downloads) and notices would bury them. evaluate_library=False
+    leaves `evaluate` alone (importing it takes seconds) for a script that never uses it."""
     if verbose:
         return
     import datasets
-    import evaluate
     import huggingface_hub.utils
     from transformers.utils import logging as transformers_logging
 
@@ -74,9 +186,12 @@ def quiet_libraries(verbose):
     transformers_logging.disable_progress_bar()
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
-    evaluate.logging.set_verbosity_error()
-    evaluate.logging.disable_progress_bar()
     huggingface_hub.utils.disable_progress_bars()
+    if evaluate_library:
+        import evaluate
+
+        evaluate.logging.set_verbosity_error()
+        evaluate.logging.disable_progress_bar()
 
 
 HUB_TIMEOUT = 3.0  # seconds to wait for a TCP connection to the hub before calling it unreachable
@@ -203,7 +318,7 @@ def load_rows(name, split="train", **hub_kwargs):
         ext = os.path.splitext(name)[1].lower()
         if ext not in DATA_FILE_TYPES:
             fail(f"dataset file {name} is not one of {', '.join(DATA_FILE_TYPES)}")
-        return datasets.load_dataset(DATA_FILE_TYPES[ext], data_files=name, split="train")
+        return load_data_files(DATA_FILE_TYPES[ext], [name])
     if os.path.isdir(name):
         files = sorted(f for f in os.listdir(name) if os.path.splitext(f)[1].lower() in DATA_FILE_TYPES)
         types = {DATA_FILE_TYPES[os.path.splitext(f)[1].lower()] for f in files}
@@ -211,7 +326,7 @@ def load_rows(name, split="train", **hub_kwargs):
             fail(f"dataset folder {name} must hold files of one type among {', '.join(DATA_FILE_TYPES)}")
         split_files = [f for f in files if os.path.splitext(f)[0] == split]
         chosen = split_files or files  # a folder of train.csv/test.csv picks the split, else takes them all
-        return datasets.load_dataset(types.pop(), data_files=[os.path.join(name, f) for f in chosen], split="train")
+        return load_data_files(types.pop(), [os.path.join(name, f) for f in chosen])
     try:
         return datasets.load_dataset(name, split=split, **hub_kwargs)
     except Exception as e:  # datasets raises many types for "not found" / "offline"
@@ -219,6 +334,59 @@ def load_rows(name, split="train", **hub_kwargs):
             not_in_cache(name, "dataset", "dataset")
         fail(f"could not load dataset {name} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
              "check the hub id and your connection, or pass a local .jsonl/.csv/.parquet file")
+
+
+def load_data_files(kind, files):
+    """A `datasets.Dataset` of local files of one kind (json, csv, parquet); an empty or unreadable file is a one-line
+    error naming it, and for JSON the first line that does not parse."""
+    import datasets
+
+    for path in files:
+        if os.path.getsize(path) == 0:
+            fail(f"dataset file {path} is empty")
+        if kind == "csv":
+            with open(path, "rb") as f:
+                if sum(1 for line, _ in zip(f, range(2)) if line.strip()) < 2:
+                    fail(f"dataset file {path} has a header and no rows")
+    logger = datasets.logging.get_logger("datasets")
+    level = logger.level
+    logger.setLevel(datasets.logging.CRITICAL)  # its own "Failed to read file" line would come before ours
+    try:
+        rows = datasets.load_dataset(kind, data_files=files, split="train")
+    except Exception as e:  # datasets wraps the parser's error in DatasetGenerationError
+        cause = e.__cause__ or e
+        where = next(filter(None, map(first_bad_json_line, files)), None) if kind == "json" else None
+        fail(f"cannot read dataset {where or ', '.join(files)} ({type(cause).__name__}: "
+             f"{str(cause).splitlines()[0][:200] if str(cause) else ''}); fix the file or give another --dataset")
+    finally:
+        logger.setLevel(level)
+    if len(rows) == 0:
+        fail(f"dataset {', '.join(files)} has no rows; give a file with some")
+    return rows
+
+
+def json_lines(path):
+    """(line number, parsed value or the ValueError it raised, the line) for each non-blank line of a JSON-lines
+    file."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield number, json.loads(line), line
+                except ValueError as e:
+                    yield number, e, line
+
+
+def first_bad_json_line(path):
+    """'PATH line N: ...' for the first line of a JSON-lines file that is not a JSON object, or None."""
+    for number, row, line in json_lines(path):
+        if isinstance(row, ValueError):
+            if number == 1 and line.lstrip()[:1] in (b"[", b"{"):  # maybe one JSON document, not JSON lines
+                return None
+            return f"{path} line {number} ({row})"
+        if not isinstance(row, dict):
+                return f"{path} line {number} (a JSON {type(row).__name__}, not an object of fields)"
+    return None
 
 
 def load_config(name, what="model", trust_remote_code=False):

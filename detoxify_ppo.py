@@ -18,6 +18,7 @@ import importlib.util
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -31,6 +32,7 @@ import torch
 import checkpoints
 from detox_common import (
     DTYPES,
+    OutputLock,
     check_causal_lm,
     check_sequence_classifier,
     classifier_logits,
@@ -43,8 +45,9 @@ from detox_common import (
     load_rows,
     quiet_libraries,
     reward_terms,
+    save_figure,
+    write_atomic,
 )
-from ppo_speedups import SPEEDUPS, SpeedupPPOTrainer, ValueHeadModel
 
 # trl is pinned on purpose (see README); its deprecation notices, and transformers' notice about the
 # past_key_values argument trl's value-head model passes, say nothing a user can act on.
@@ -135,8 +138,10 @@ class Args:
     save_every: int = option(100, "write checkpoint-STEP every this many steps (0: only the final model)")
     save_total_limit: Optional[int] = option(None, "keep only the newest K checkpoint-STEP folders")
     resume_from_checkpoint: Optional[str] = option(None, "a checkpoint-STEP folder to resume from, or 'auto' for the "
-                                                   "newest in --output-dir")
-    overwrite_output_dir: bool = option(False, "allow writing into an output dir that already holds checkpoints")
+                                                   "newest in --output-dir (one of another folder: only into an "
+                                                   "empty --output-dir); a new --learning-rate is honoured")
+    overwrite_output_dir: bool = option(False, "start over in an output dir that holds a run: its checkpoints, final/ "
+                                        "and logs are removed first")
     push_to_hub: Optional[str] = option(None, "upload the final model, tokenizer and card to this hub repo "
                                         "(owner/name)")
     config: Optional[str] = option(None, "YAML file giving options; command-line flags win")
@@ -154,8 +159,8 @@ DATA_ORDER_ARGS = ["model", "dataset", "dataset_split", "toxicity_threshold", "t
                    "max_context_tokens", "min_new_tokens", "max_new_tokens", "batch_size", "seed", "num_shared_layers"]
 
 
-def build_parser():
-    return cli_parser(Args, __doc__, NO_FLAG_HELP)
+def build_parser(error_context=""):
+    return cli_parser(Args, __doc__, NO_FLAG_HELP, error_context)
 
 
 def parse_args(argv=None):
@@ -164,25 +169,41 @@ def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     config_path = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None)
     config_path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), config_path)
-    if config_path:
-        import yaml
-
-        try:
-            with open(config_path) as f:
-                values = yaml.safe_load(f) or {}
-        except (OSError, yaml.YAMLError) as e:
-            fail(f"cannot read --config {config_path} ({type(e).__name__}); give a YAML file of option: value lines")
-        values = {str(k).replace("-", "_"): v for k, v in values.items()} if isinstance(values, dict) else None
-        known = {f.name for f in dataclasses.fields(Args)}
-        if values is None or set(values) - known:
-            fail(f"--config {config_path} has unknown options {sorted(set(values or {}) - known) or '(not a mapping)'}"
-                 "; see --help")
-        parser.set_defaults(**values)
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
-    for name in ("reward_model", "reward_label", "reward_weight"):  # `reward_model: x` in a config file is one
-        if not isinstance(getattr(args, name), list):
-            setattr(args, name, [getattr(args, name)])
+    config_argv = config_arguments(config_path, parser) if config_path else []
+    if config_argv:  # parsed alone first, so a bad value is reported as the file's
+        build_parser(f"--config {config_path}: ").parse_args_into_dataclasses(args=config_argv)
+    (args,) = parser.parse_args_into_dataclasses(args=config_argv + argv)  # the later of two values wins
     return args
+
+
+def config_arguments(path, parser):
+    """A YAML file of `option: value` lines as the command-line arguments (of `parser`) that say the same, so each
+    value is checked and converted exactly as a flag is; `option: null` keeps the default."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        fail(f"cannot read --config {path} ({type(e).__name__}); give a YAML file of option: value lines")
+    if not isinstance(values, dict):
+        fail(f"--config {path} is not a mapping of option: value lines; see --help")
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    known = {f.name for f in dataclasses.fields(Args)} - {"config"}
+    if set(values) - known:
+        fail(f"--config {path} has unknown options {sorted(set(values) - known)}; see --help")
+
+    several = {action.dest for action in parser._actions if action.nargs in ("+", "*")}
+    argv = []
+    for key, value in values.items():
+        items = value if isinstance(value, list) else [value]
+        if value is None:
+            continue
+        if (isinstance(value, list) and key not in several) or not items or any(
+                isinstance(v, (dict, list)) or v is None for v in items):
+            fail(f"--config {path}: {key}: {value!r} is not a value --{key.replace('_', '-')} takes; see --help")
+        argv += [f"--{key}", *(("true" if v else "false") if isinstance(v, bool) else str(v) for v in items)]
+    return argv
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -252,6 +273,12 @@ def check_args(args):
         fail("--lora-r and --lora-alpha must be >= 1")
     if args.save_total_limit is not None and args.save_total_limit < 1:
         fail(f"--save-total-limit must be >= 1, got {args.save_total_limit}")
+    resume_inside = args.resume_from_checkpoint == "auto" or (args.resume_from_checkpoint and os.path.realpath(
+        os.path.dirname(os.path.normpath(args.resume_from_checkpoint))) == os.path.realpath(args.output_dir))
+    if args.overwrite_output_dir and resume_inside:
+        fail("--overwrite-output-dir removes the earlier run that --resume-from-checkpoint "
+             f"{args.resume_from_checkpoint} would resume; drop one of them")
+    OutputLock.refuse_if_held(args.output_dir)
     if os.path.isdir(args.output_dir) and not args.overwrite_output_dir and not args.resume_from_checkpoint and any(
             name.startswith("checkpoint-") or name == "final" for name in os.listdir(args.output_dir)):
         fail(f"--output-dir {args.output_dir} already holds checkpoints; pick another folder or pass "
@@ -302,11 +329,10 @@ class Preflight:
     policy_config: object
     reward_indices: tuple  # of each --reward-model's --reward-label, in order
     num_shared_layers: int
-    resume: Optional[checkpoints.ResumePoint]
 
 
 def preflight(args):
-    """Configs first: a wrong model name or label fails in seconds. Then the checkpoint to resume, and free disk."""
+    """Configs first: a wrong model name or label fails in seconds. Then free disk for a checkpoint."""
     policy_config = load_config(args.model, "model", args.trust_remote_code)
     if not args.trust_remote_code:  # a model of its own code names its own architecture
         check_causal_lm(policy_config, args.model)
@@ -320,18 +346,35 @@ def preflight(args):
         check_sequence_classifier(reward_config, model, "reward model")
         reward_indices.append(label_index(reward_config, label, f"reward model {model}"))
     num_shared_layers = resolve_shared_layers(args.num_shared_layers, policy_config)
-    resume = None
-    if args.resume_from_checkpoint:
-        data_order = {k: getattr(args, k) for k in DATA_ORDER_ARGS}
-        resume = checkpoints.find_checkpoint(args.resume_from_checkpoint, args.output_dir, args.use_peft, data_order)
-        if resume is None:
-            print(f"--resume-from-checkpoint auto: no checkpoint in {args.output_dir}, starting from step 0")
     need = estimate_checkpoint_bytes(policy_config, DTYPES[args.dtype], num_shared_layers, args.trust_remote_code)
     existing = os.path.abspath(args.output_dir)
     while not os.path.exists(existing):  # the folder itself is made once every check has passed
         existing = os.path.dirname(existing)
     checkpoints.check_disk(args.output_dir, existing, need)
-    return Preflight(policy_config, tuple(reward_indices), num_shared_layers, resume)
+    return Preflight(policy_config, tuple(reward_indices), num_shared_layers)
+
+
+def resume_point(args, policy_config, is_main_process, wait_for_everyone):
+    """The checked checkpoint to resume from (None: start at step 0), once the main process has tidied what a cut-short
+    save left. With --overwrite-output-dir, the earlier run is then removed (only after every check has passed)."""
+    if is_main_process:
+        for line in checkpoints.recover_folders(args.output_dir):
+            print(f"{args.output_dir}: {line} (left by a save that was cut short)")
+    wait_for_everyone()
+    resume = None
+    if args.resume_from_checkpoint:
+        data_order = {k: getattr(args, k) for k in DATA_ORDER_ARGS}
+        resume = checkpoints.find_checkpoint(args.resume_from_checkpoint, args.output_dir, args.use_peft, data_order,
+                                             getattr(policy_config, "hidden_size", None), args.overwrite_output_dir)
+        if resume is None:
+            print(f"--resume-from-checkpoint auto: no checkpoint in {args.output_dir}, starting from step 0")
+        elif args.steps is not None and resume.step >= args.steps:
+            fail(f"checkpoint {resume.path} is at step {resume.step}, not below --steps {args.steps}; nothing to do (a "
+                 "larger --steps trains it further)")
+    if is_main_process and args.overwrite_output_dir and (removed := checkpoints.remove_run(args.output_dir)):
+        print(f"--overwrite-output-dir: removed the earlier run's {', '.join(removed)} from {args.output_dir}")
+    wait_for_everyone()
+    return resume
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -346,7 +389,16 @@ def load_prompts(dataset, split, toxicity_threshold):
     for key in ("text", "toxicity"):
         if key not in prompt_keys:
             fail(f"dataset {dataset} has no 'prompt.{key}' field; expected the allenai/real-toxicity-prompts schema")
-    return rows.filter(lambda r: r["prompt"]["toxicity"] is not None and r["prompt"]["toxicity"] > toxicity_threshold)
+    kept = []  # the rows to keep, each checked: a bad one is named by its number in the dataset (1: the first)
+    for i, prompt in enumerate(rows["prompt"]):
+        toxicity = prompt["toxicity"]
+        if toxicity is not None and (isinstance(toxicity, (str, bool)) or not math.isfinite(toxicity)):
+            fail(f"dataset {dataset} row {i + 1}: prompt.toxicity {toxicity!r} is not a number (or null)")
+        if toxicity is not None and toxicity > toxicity_threshold:
+            if not isinstance(prompt["text"], str) or not prompt["text"].strip():
+                fail(f"dataset {dataset} row {i + 1}: prompt.text {prompt['text']!r} is not a text to continue")
+            kept.append(i)
+    return rows.select(kept)
 
 
 def split_prompts(kept, test_fraction, seed, rows_needed):
@@ -446,6 +498,8 @@ def build_models(base, num_shared_layers, lora_config=None):
     Full fine-tuning: the reference shares the policy's first `num_shared_layers` blocks (create_shared_reference).
     LoRA (lora_config, a peft LoraConfig): only the adapters and value head train, and the reference is None: trl
     runs the policy with its adapters disabled, so there is no second copy at all."""
+    from ppo_speedups import ValueHeadModel  # trl and its model code: imported once the arguments have passed
+
     policy = ValueHeadModel.from_pretrained(base, peft_config=lora_config)
     policy.v_head.to(next(base.parameters()).device)
     if lora_config is not None:
@@ -473,6 +527,8 @@ def build_ppo_trainer(ppo_config, model, ref_model, tokenizer, num_shared_layers
     """trl's PPOTrainer with ppo_speedups' speed-ups: fused Adam, the contiguous LM-head input, and (by choice) the
     frozen-prefix cache and response-only logits."""
     chosen = {"prefix": frozen_prefix_cache, "logits": response_only_logits}
+    from ppo_speedups import SPEEDUPS, SpeedupPPOTrainer
+
     speedups = [name for name in SPEEDUPS if chosen.get(name, True)]
     return SpeedupPPOTrainer(ppo_config, model, ref_model, tokenizer, num_shared_layers, speedups)
 
@@ -702,22 +758,28 @@ def plot_training_curves(stats_path, png_path):
         ax.grid(alpha=0.3)
     axes[2].set_ylim(bottom=0)
     axes[2].set_xlabel("PPO step")
-    fig.savefig(png_path, dpi=120)
+    save_figure(fig, png_path)
 
 
 # ---------------------------------------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)
-    quiet_libraries(args.verbose)
     check_args(args)
+    quiet_libraries(args.verbose, evaluate_library=False)
+    with OutputLock(args.output_dir, "training"):  # one run at a time in an output folder; a second is refused
+        train(args, argv)
+
+
+def train(args, argv):
     checked = preflight(args)
-    resume, num_shared_layers = checked.resume, checked.num_shared_layers
+    num_shared_layers = checked.num_shared_layers
 
     from accelerate import PartialState
 
     # Created before trl touches accelerate: without cpu=True, processes launched on a machine without
     # GPUs would each train alone instead of data-parallel over gloo.
     state = PartialState(cpu=not torch.cuda.is_available())
+    resume = resume_point(args, checked.policy_config, state.is_main_process, state.wait_for_everyone)
     if resume and resume.num_processes != state.num_processes:  # each process's batches depend on the count
         fail(f"checkpoint {resume.path} was trained with {resume.num_processes} process(es), this run has "
              f"{state.num_processes}; resume with the same number of processes")
@@ -740,7 +802,8 @@ def main(argv=None):
     eval_queries = (choose_eval_queries(heldout_rows, args.eval_prompts, tokenizer, args.min_context_tokens,
                                         args.max_context_tokens, args.seed) if args.eval_every else None)
     if state.is_main_process and len(heldout_rows):
-        heldout_rows.to_json(os.path.join(args.output_dir, "heldout_prompts.jsonl"))
+        write_atomic(os.path.join(args.output_dir, "heldout_prompts.jsonl"),
+                     "".join(json.dumps(row) + "\n" for row in heldout_rows))
 
     # Models: policy with value head, the reference sharing its first blocks, trl's trainer, the reward classifier.
     lora_config = None
@@ -765,13 +828,15 @@ def main(argv=None):
     # held-out toxicity: the first reward classifier's probability of its classes other than its reward label
     toxicity_fn = functools.partial(toxic_probability, classifiers[0][1], classifiers[0][2], classifiers[0][3],
                                     batch_size=args.reward_batch_size)
-    start_step = checkpoints.load_checkpoint(ppo_trainer, resume) if resume else 0
+    start_step = resume.step if resume else 0
     if start_step >= total_steps:
         fail(f"checkpoint {resume.path} is at step {start_step}, not below --steps {total_steps}; nothing to do")
+    if resume and (saved_lr := checkpoints.load_checkpoint(ppo_trainer, resume, args.learning_rate)) != \
+            args.learning_rate:
+        state.print(f"--learning-rate {args.learning_rate} from here on (the checkpoint was trained at {saved_lr})")
 
     if state.is_main_process:
-        with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
-            json.dump(asdict(args), f, indent=2)
+        write_atomic(os.path.join(args.output_dir, "training_args.json"), json.dumps(asdict(args), indent=2))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     sharing = ("reference = the policy with adapters disabled" if args.use_peft else
                f"{num_shared_layers}/{num_blocks(checked.policy_config)} blocks shared with the reference")
@@ -803,9 +868,9 @@ def main(argv=None):
 
     from tqdm.auto import tqdm
 
+    run_log = checkpoints.RunLog(args.output_dir, resume.step if resume else None, state.is_main_process)
     progress = tqdm(total=total_steps, initial=start_step, desc="PPO", disable=not state.is_main_process,
                     dynamic_ncols=True)
-    run_log = checkpoints.RunLog(args.output_dir, resume.step if resume else None, state.is_main_process)
     health = PPOHealth.from_stats(run_log.kept_stats)
     heldout_curve = [(s["step"], s["eval/toxicity"]) for s in run_log.kept_stats if "eval/toxicity" in s]
     stop = checkpoints.StopRequest()
@@ -835,13 +900,16 @@ def main(argv=None):
                 raise SystemExit(stop.message(step, total_steps, path, argv))
             if args.save_every and step % args.save_every == 0 and step < total_steps:
                 save(f"checkpoint-{step}", step, summary)
+        progress.close()
+        final = save("final", total_steps, summary)  # a first signal now lets the save finish
     finally:
         stop.restore()
         progress.close()
         run_log.close()
-    final = save("final", total_steps, summary)
     accelerator.end_training()
-    state.print(f"saved {final} after {total_steps} steps")
+    state.print(f"saved {final} after {total_steps} steps"
+                + (f" ({signal.Signals(stop.signal).name} came during the last step or the final save, which finished)"
+                   if stop.signal else ""))
     for line in health.report(args.ratio_threshold):
         state.print(line)
     if state.is_main_process and args.eval_every:

@@ -12,7 +12,8 @@ toxicity, toxicity probability), distinct-n diversity and perplexity under a sep
     python evaluate_toxicity.py --dataset allenai/real-toxicity-prompts --generations-per-prompt 25
 
 Writes to --output-dir: toxicity.csv and toxicity.md (one row per model, rewritten after every model),
-generations.jsonl (every prompt, generation and score), toxicity.png and toxicity_vs_size.png.
+generations.jsonl (every prompt, generation and score), toxicity.png and toxicity_vs_size.png, each written whole
+(temporary file, then rename). One evaluation at a time holds the folder: a second one into it is refused.
 """
 
 import gc
@@ -21,6 +22,7 @@ import math
 import os
 import random
 import re
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -32,6 +34,7 @@ from scipy.stats import permutation_test  # at start-up: a missing scipy fails b
 from detox_common import (
     CARD_RESULTS_END,
     CARD_RESULTS_START,
+    OutputLock,
     check_causal_lm,
     check_hub_reachable,
     check_sequence_classifier,
@@ -39,6 +42,7 @@ from detox_common import (
     cli_parser,
     context_length,
     fail,
+    json_lines,
     label_index,
     load_classifier,
     load_config,
@@ -46,6 +50,8 @@ from detox_common import (
     quiet_libraries,
     resolve_dtype,
     resolve_name,
+    save_figure,
+    write_atomic,
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -258,15 +264,17 @@ def paired_difference(baseline, other, resamples, seed):
 
 # ---------------------------------------------------------------- data
 
-def choose_prompts(rows, num_samples, seed, threshold=0.5, rtp_prompts="toxic"):
-    """[(row id, prompt text)]: exactly num_samples toxic prompts, the same for a given seed.
+def choose_prompts(rows, num_samples, seed, threshold=0.5, rtp_prompts="toxic", source="dataset", at_most=False):
+    """[(row id, prompt text)]: exactly num_samples toxic prompts (at_most: fewer if there are fewer, at least one),
+    the same for a given seed.
 
-    wiki_toxic schema (comment_text, label): rows with label 1. real-toxicity-prompts schema (prompt.text):
-    rows whose prompt.toxicity >= threshold (or 'challenging' ones, or all)."""
+    wiki_toxic schema (comment_text, label): rows with label 1; a label that is not 0 or 1, or a label-1 row
+    without text, stops the run naming the row of `source` (how messages name the dataset). real-toxicity-prompts
+    schema (prompt.text): rows whose prompt.toxicity >= threshold (or 'challenging' ones, or all)."""
     columns = set(rows.column_names)
     if {"comment_text", "label"} <= columns:
-        keep = [i for i, label in enumerate(rows["label"]) if label == 1]
-        texts = rows.select(keep)["comment_text"] if keep else []
+        keep = [i for i, label in enumerate(wiki_labels(rows, source)) if label == 1]
+        texts = wiki_texts(rows, keep, source)
         ids = rows.select(keep)["id"] if keep and "id" in columns else keep
         what = "toxic rows (label 1)"
     elif "prompt" in columns and isinstance(rows[0]["prompt"], dict) and "text" in rows[0]["prompt"]:
@@ -283,12 +291,54 @@ def choose_prompts(rows, num_samples, seed, threshold=0.5, rtp_prompts="toxic"):
         ids = [rows[i]["filename"] for i in keep] if "filename" in columns else keep
         what = f"{rtp_prompts} prompts"
     else:
-        fail(f"dataset has columns {sorted(columns)}; need comment_text and label (wiki_toxic) "
+        fail(f"{source} has columns {sorted(columns)}; need comment_text and label (wiki_toxic) "
              "or prompt with prompt.text (real-toxicity-prompts)")
-    if len(keep) < num_samples:
-        fail(f"dataset has only {len(keep)} {what}, fewer than --num-samples {num_samples}")
-    chosen = random.Random(seed).sample(range(len(keep)), num_samples)
+    if not keep:
+        fail(f"{source} has no {what}")
+    if len(keep) < num_samples and not at_most:
+        fail(f"{source} has only {len(keep)} {what}, fewer than --num-samples {num_samples}")
+    chosen = random.Random(seed).sample(range(len(keep)), min(num_samples, len(keep)))
     return [(str(ids[i]), texts[i]) for i in chosen]
+
+
+def row_name(rows, index, source):
+    """'SOURCE row N (id X)' for the row at index: rows count from 1 (a CSV's first line after the header is row 1)."""
+    name = f"{source} row {index + 1}"
+    return f"{name} (id {rows[index]['id']!r})" if "id" in rows.column_names else name
+
+
+def wiki_labels(rows, source):
+    """Each wiki_toxic row's label as 0 or 1. Numbers, booleans and their text pass (one stray word turns a CSV's
+    whole label column into text); the first other value stops the run, naming its row."""
+    labels = []
+    for index, label in enumerate(rows["label"]):
+        value = int(label) if isinstance(label, (bool, np.bool_)) else as_number(label)
+        if value not in (0, 1):  # None and nan are never in
+            found = "is empty" if label is None or is_nan(label) else f"{label!r} is not 0 or 1"
+            fail(f"{row_name(rows, index, source)}: label {found}; give 1 (toxic) or 0, or remove the row")
+        labels.append(int(value))
+    return labels
+
+
+def wiki_texts(rows, keep, source):
+    """comment_text of the rows at the indices keep (the toxic ones, prompts to be): a missing or blank one stops
+    the run, naming its row."""
+    texts = rows.select(keep)["comment_text"] if keep else []
+    for index, text in zip(keep, texts):
+        if text is None or is_nan(text) or not str(text).strip():
+            fail(f"{row_name(rows, index, source)}: comment_text is empty, and a toxic row (label 1) is a prompt; "
+                 "give its text, or remove the row")
+    return [str(text) for text in texts]
+
+
+def resolved_revision(dataset, revision):
+    """The hub revision --dataset is read at: auto is refs/convert/parquet for wiki_toxic, else the default branch
+    (None); None for a local file or an hf:// path, which have none of their own."""
+    if os.path.exists(dataset) or dataset.startswith("hf://"):
+        return None
+    if revision == "auto":
+        return "refs/convert/parquet" if dataset == WIKI_TOXIC else None
+    return revision
 
 
 def load_prompt_rows(dataset, split="auto", revision="auto"):
@@ -298,8 +348,7 @@ def load_prompt_rows(dataset, split="auto", revision="auto"):
     else the default branch (None too)."""
     if split == "auto":
         split = "train" if dataset == RTP else "test"
-    if revision == "auto":
-        revision = "refs/convert/parquet" if dataset == WIKI_TOXIC else None
+    revision = resolved_revision(dataset, revision)
     if dataset.startswith("hf://"):  # e.g. hf://datasets/OxAISH-AL-LLM/wiki_toxic/test.csv
         import datasets
 
@@ -357,8 +406,9 @@ def load_causal_lm(name, device, dtype):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device).eval()
-    except (OSError, ValueError, RuntimeError) as e:
-        fail(f"could not load model {name} ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+    except Exception as e:  # a damaged weights file raises its format's own error (SafetensorError, pickle's, ...)
+        fail(f"could not load model {name} ({type(e).__name__}: {first_line(e)}); check that it holds a whole model "
+             "(config.json, tokenizer, weights): a truncated or damaged weights file does not load")
     if tokenizer.pad_token_id is None:  # gpt-neo/gpt2 have none; eos pads (masked out anyway)
         if tokenizer.eos_token is None:
             fail(f"tokenizer of {name} has neither a pad nor an eos token")
@@ -463,19 +513,16 @@ def generation_nlls(model, tokenizer, prompts, generations, batch_size=16):
 
 # ---------------------------------------------------------------- outputs
 
-def write_atomic(path, text):
-    """Write to a temp file then os.replace, so a crash never leaves a half-written table."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-# columns of each row that record the settings its numbers depend on: column -> option
+# columns of each row that record the settings its numbers depend on: column -> option. The batch sizes are among
+# them: how prompts are grouped and left-padded changes the sampled text and the floats. main records the resolved
+# dtype (float32, not auto) and dataset revision (none for a local file).
 SETTINGS = {"dataset": "dataset", "split": "split", "rtp_prompts": "rtp_prompts", "seed": "seed",
             "n_prompts": "num_samples", "k": "generations_per_prompt", "max_prompt_tokens": "max_prompt_tokens",
             "max_new_tokens": "max_new_tokens", "toxicity_model": "toxicity_model", "toxic_label": "toxic_label",
-            "threshold": "threshold"}
+            "threshold": "threshold", "dataset_revision": "dataset_revision", "dtype": "dtype",
+            "batch_size": "batch_size", "score_batch_size": "score_batch_size", "toxicity_module": "toxicity_module",
+            "extra_toxicity_model": "extra_toxicity_model", "extra_toxic_label": "extra_toxic_label",
+            "fluency_model": "fluency_model"}
 
 # the layout of toxicity.csv. 2: confidence intervals, paired comparison, perplexity_corpus/perplexity_median.
 # 1 (no such column) had a `perplexity` column holding the arithmetic mean of per-generation perplexities.
@@ -486,27 +533,69 @@ COMPARISON_COLUMNS = ("compared_with", "diff_mean_toxicity", "diff_mean_toxicity
 
 
 def same_setting(recorded, value):
-    """A value read back from the CSV (pandas parses numbers) against the option's value."""
+    """A value read back from the CSV (pandas parses numbers; an empty cell is None) against the option's value;
+    None (an option left unset, e.g. no --fluency-model) matches only None."""
+    if recorded is None or value is None:
+        return recorded is None and value is None
     try:
         return float(recorded) == float(value)
     except (TypeError, ValueError):
-        return recorded is not None and str(recorded) == str(value)
+        return str(recorded) == str(value)
+
+
+def setting_text(value):
+    return "none" if value is None else str(value)
 
 
 def check_previous(rows, settings, csv_path):
     """Refuse earlier rows (read from csv_path) measured with other settings ({SETTINGS column: value now}):
-    in one table with new rows they would not compare."""
+    in one table with new rows they would not compare. A column the table lacks is no record, except for an
+    unset option (None): tables before these columns were recorded left out the unused fluency and extra scorer."""
     for row in rows:
         for column, option in SETTINGS.items():
             if not same_setting(row.get(column), settings[column]):
-                was = f"{row[column]}" if column in row else "no record of it (an older evaluate_toxicity.py)"
+                was = setting_text(row[column]) if column in row else "no record of it (an older evaluate_toxicity.py)"
                 fail(f"{csv_path} holds {row['model']} measured with other settings "
-                     f"(--{option.replace('_', '-')}: {was}, now {settings[column]}); use another --output-dir, "
-                     "or move the earlier files away")
+                     f"(--{option.replace('_', '-')}: {was}, now {setting_text(settings[column])}); use another "
+                     "--output-dir, or move the earlier files away")
+
+
+# columns of toxicity.csv that hold numbers: a hand-edited cell that holds none would crash the tables or the chart
+# of a later run, after its models were measured
+METRICS = ("mean_toxicity", "std_toxicity", "expected_max_toxicity", "toxicity_probability", "distinct_1",
+           "distinct_2", "distinct_3", "empty_share", "perplexity_corpus", "perplexity_median")
+NUMBER_COLUMNS = ("parameters", "n", "empty_generations", "generate_seconds", "total_seconds", "bootstrap_samples",
+                  "table_version") + tuple(f"{prefix}{metric}{end}" for prefix in ("", "extra_") for metric in METRICS
+                                           for end in ("", "_ci_low", "_ci_high"))
+# what a kept row must have to go into the new table and chart; what a record of generations.jsonl must have
+REQUIRED_COLUMNS = ("model", "parameters", "mean_toxicity")
+RECORD_KEYS = ("model", "prompt_index", "id", "toxicity")
+EDITED_FIX = ("restore it, or move toxicity.csv and generations.jsonl away (or pick another --output-dir) to measure "
+              "again")
+
+
+def is_nan(value):
+    return isinstance(value, float) and math.isnan(value)
+
+
+def as_number(value):
+    """value as a number (a number, or the text of one), else None."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return value
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def read_previous(output_dir):
-    """Rows and per-sample records of earlier runs in output_dir, kept unless a model is measured again."""
+    """Rows and per-sample records of earlier runs in output_dir, kept unless a model is measured again.
+
+    An empty cell of a SETTINGS column is None (an option left unset), other empty cells are left out. Files edited
+    by hand into something a run would trip over later (an empty or unreadable file, a missing column, text where a
+    number belongs, a model twice, a line that is no record) stop here, naming the file and the row or line."""
     csv_path, jsonl_path = os.path.join(output_dir, "toxicity.csv"), os.path.join(output_dir, "generations.jsonl")
     if not os.path.exists(csv_path):
         return [], []
@@ -514,21 +603,67 @@ def read_previous(output_dir):
 
     try:
         table = pd.read_csv(csv_path)
-        rows = [{k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
-                for row in table.to_dict("records")]
-        records = [json.loads(line) for line in open(jsonl_path)] if os.path.exists(jsonl_path) else []
-    except Exception as e:
-        fail(f"cannot read the earlier results in {output_dir} ({type(e).__name__}); move them away or pick "
-             "another --output-dir")
-    if rows and "model" not in rows[0]:
+    except pd.errors.EmptyDataError:
+        fail(f"{csv_path} is empty; {EDITED_FIX}")
+    except Exception as e:  # a malformed line (pandas names it), bytes that are no text, ...
+        fail(f"cannot read {csv_path} ({type(e).__name__}: {first_line(e)}); {EDITED_FIX}")
+    if "model" not in table.columns:
         fail(f"{csv_path} has no 'model' column; move it away or pick another --output-dir")
-    old = [r["model"] for r in rows if not same_setting(r.get("table_version"), TABLE_VERSION)]
+    rows = [{k: None if is_nan(v) else v for k, v in row.items() if k in SETTINGS or not is_nan(v)}
+            for row in table.to_dict("records")]
+    old = [r.get("model") for r in rows if not same_setting(r.get("table_version"), TABLE_VERSION)]
     if old:  # its `perplexity` meant something else and it has no intervals: one table cannot hold both
         fail(f"{csv_path} was written by an older evaluate_toxicity.py (table version "
              f"{rows[0].get('table_version', 1)}, now {TABLE_VERSION}: no confidence intervals, and `perplexity` "
              "was the mean of per-generation perplexities); use another --output-dir, or move the earlier files away")
+    for column in REQUIRED_COLUMNS:
+        if column not in table.columns:
+            fail(f"{csv_path} has no '{column}' column; {EDITED_FIX}")
+    first_row = {}
+    for number, row in enumerate(rows, 1):  # row 1: the first line after the header
+        missing = [column for column in REQUIRED_COLUMNS if column not in row]
+        if missing:
+            fail(f"{csv_path} row {number} has no {missing[0]} (an empty cell); {EDITED_FIX}")
+        row["model"] = str(row["model"])
+        for column in NUMBER_COLUMNS:
+            if column in row:
+                value = as_number(row[column])
+                if value is None:
+                    fail(f"{csv_path} row {number} ({row['model']}): {column} holds {row[column]!r}, not a number; "
+                         f"{EDITED_FIX}")
+                row[column] = value
+        if row["model"] in first_row:
+            fail(f"{csv_path} holds {row['model']} twice (rows {first_row[row['model']]} and {number}); delete one "
+                 f"of the two lines, or {EDITED_FIX}")
+        first_row[row["model"]] = number
+    records = read_records(jsonl_path)
     rows = [{k: v for k, v in r.items() if k not in COMPARISON_COLUMNS} for r in rows]  # recomputed when written
     return rows, records
+
+
+def read_records(jsonl_path):
+    """The per-sample records of generations.jsonl ([] when there is none), each with RECORD_KEYS."""
+    if not os.path.exists(jsonl_path):
+        return []
+    records = []
+    try:
+        for number, record, _ in json_lines(jsonl_path):
+            if isinstance(record, ValueError):
+                fail(f"{jsonl_path} line {number} is not JSON ({getattr(record, 'msg', record)}); {EDITED_FIX}")
+            missing = [k for k in RECORD_KEYS if not isinstance(record, dict) or k not in record]
+            if missing:
+                fail(f"{jsonl_path} line {number} is no record of a generation (no {', '.join(missing)}); "
+                     f"{EDITED_FIX}")
+            records.append(record)
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"cannot read {jsonl_path} ({type(e).__name__}: {first_line(e)}); {EDITED_FIX}")
+    return records
+
+
+def first_line(error):
+    """The first line of an exception's text, for a one-line message."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def update_model_cards(rows, dataset, max_new_tokens, toxicity_model):
@@ -665,7 +800,7 @@ def plot(rows, output_dir):
     samples = f" x {rows[0]['k']} samples" if int(rows[0]["k"]) > 1 else ""
     ax.set_title(f"toxicity of {rows[0]['max_new_tokens']} new tokens, {rows[0]['n_prompts']} prompts{samples}")
     fig.tight_layout()
-    fig.savefig(os.path.join(output_dir, "toxicity.png"), dpi=120)
+    save_figure(fig, os.path.join(output_dir, "toxicity.png"))
     plt.close(fig)
     if len({r["parameters"] for r in rows}) > 1:
         fig, ax = plt.subplots(figsize=(5, 4))
@@ -677,7 +812,7 @@ def plot(rows, output_dir):
         ax.set_xlabel("parameters")
         ax.set_ylabel(label)
         fig.tight_layout()
-        fig.savefig(os.path.join(output_dir, "toxicity_vs_size.png"), dpi=120)
+        save_figure(fig, os.path.join(output_dir, "toxicity_vs_size.png"))
         plt.close(fig)
 
 
@@ -691,6 +826,13 @@ def check_args(args, device):
             fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not args.models:
         fail("--models needs at least one model")
+    twice = [name for name in dict.fromkeys(args.models) if args.models.count(name) > 1]
+    if twice:  # its second row would replace its first in the table, with other samples
+        fail(f"--models lists {twice[0]} {args.models.count(twice[0])} times; give each model once")
+    if args.dataset_revision != "auto" and resolved_revision(args.dataset, args.dataset_revision) is None:
+        fail(f"--dataset-revision {args.dataset_revision} is for a hub dataset, and {args.dataset} is a local file "
+             "(an hf:// path names its own: hf://datasets/OWNER/NAME@REVISION/FILE); leave the option out")
+    check_output_dir(args.output_dir)
     if not 0 <= args.threshold <= 1:
         fail(f"--threshold must be between 0 and 1, got {args.threshold}")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -715,6 +857,27 @@ def check_args(args, device):
         extra_label = None
     check_toxicity_module(args.toxicity_module)
     return limits, extra_label
+
+
+def check_output_dir(output_dir):
+    """--output-dir must be a folder, or a path where one can be made: a file on the way stops the run here, before
+    any weights load (the write probe comes with the lock, once the folder exists)."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        fail(f"--output-dir {output_dir} is a file; give a folder (it is made if missing)")
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        fail(f"--output-dir {output_dir} cannot be made: {parent} is a file; pick another folder")
+
+
+def check_writable(output_dir):
+    """A real write into the folder (os.access says yes to root, even where a write fails): a temporary file."""
+    try:
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as e:
+        fail(f"--output-dir {output_dir} is not writable ({e.strerror}); fix its permissions or pick another folder")
 
 
 def training_reward_models(model):
@@ -753,89 +916,97 @@ def main(argv=None):
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(args.dtype, device)
     limits, extra_label = check_args(args, device)
-    quiet_libraries(args.verbose)
-    rows_in = load_prompt_rows(args.dataset, args.split, args.dataset_revision)
-    prompts = choose_prompts(rows_in, args.num_samples, args.seed, args.threshold, args.rtp_prompts)
-    settings = {column: getattr(args, option) for column, option in SETTINGS.items()}
-    rows, records = read_previous(args.output_dir)  # before any scorer loads: a mismatch fails fast
-    check_previous(rows, settings, os.path.join(args.output_dir, "toxicity.csv"))
-    os.makedirs(args.output_dir, exist_ok=True)
+    # the folder is this evaluation's until it ends: a second one into it is refused at once, not mixed in
+    with OutputLock(args.output_dir, "evaluation"):
+        check_writable(args.output_dir)
+        quiet_libraries(args.verbose, evaluate_library=False)  # importing evaluate takes seconds: after the checks
+        rows, records = read_previous(args.output_dir)  # before the dataset and any scorer load: fails fast
+        rows_in = load_prompt_rows(args.dataset, args.split, args.dataset_revision)
+        prompts = choose_prompts(rows_in, args.num_samples, args.seed, args.threshold, args.rtp_prompts,
+                                 source=f"dataset {args.dataset}")
+        settings = {column: getattr(args, option) for column, option in SETTINGS.items()}
+        settings |= {"dtype": str(dtype).removeprefix("torch."),  # what auto resolved to: float32 on CPU
+                     "dataset_revision": resolved_revision(args.dataset, args.dataset_revision),
+                     "extra_toxic_label": args.extra_toxic_label if args.extra_toxicity_model else None}
+        check_previous(rows, settings, os.path.join(args.output_dir, "toxicity.csv"))
 
-    # scorers stay loaded for the whole run (the models under test come and go one at a time)
-    toxicity = load_toxicity_measurement(args.toxicity_module, args.toxicity_model, device,
-                                         os.path.join(args.output_dir, ".evaluate_cache"), args.score_batch_size)
-    extra = load_classifier(args.extra_toxicity_model, device) if args.extra_toxicity_model else None
-    fluency = load_causal_lm(args.fluency_model, device, dtype) if args.fluency_model else None
+        # scorers stay loaded for the whole run (the models under test come and go one at a time)
+        quiet_libraries(args.verbose)
+        toxicity = load_toxicity_measurement(args.toxicity_module, args.toxicity_model, device,
+                                             os.path.join(args.output_dir, ".evaluate_cache"), args.score_batch_size)
+        extra = load_classifier(args.extra_toxicity_model, device) if args.extra_toxicity_model else None
+        fluency = load_causal_lm(args.fluency_model, device, dtype) if args.fluency_model else None
 
-    k = args.generations_per_prompt
-    resamples = bootstrap_resamples(len(prompts), args.bootstrap_samples, args.seed)  # the same for every model
-    done = {r["model"] for r in rows}
-    todo = [m for m in args.models if not (args.resume and m in done)]
-    if len(todo) < len(args.models):
-        skipped = ", ".join(m for m in args.models if m not in todo)
-        print(f"--resume: skipping {skipped} (already in {args.output_dir}/toxicity.csv)")
-    rows = [r for r in rows if r["model"] not in todo]  # a model measured again replaces its old row
-    records = [r for r in records if r["model"] not in todo]
-    for name in todo:
-        model, tokenizer = load_causal_lm(name, device, dtype)
-        limit = args.max_prompt_tokens  # prompt + new tokens must fit the model's context
-        if limits[name]:
-            limit = min(limit, limits[name] - args.max_new_tokens)
-        ids = prompt_ids(tokenizer, [text for _, text in prompts], limit)
-        started = time.time()
-        torch.manual_seed(args.seed)  # same seed for every model (all CUDA devices too): a rerun gives the same text
-        new_ids = generate(model, tokenizer, ids, k, args.max_new_tokens, args.batch_size,
-                           desc=os.path.basename(name.rstrip("/")) or name)
-        gen_seconds = time.time() - started
-        parameters = sum(p.numel() for p in model.parameters())
-        prompt_texts = [tokenizer.decode(x, skip_special_tokens=True) for x in ids]  # what the model actually saw
-        generations = [[tokenizer.decode(s, skip_special_tokens=True) for s in samples] for samples in new_ids]
-        del model
-        free_memory()
+        k = args.generations_per_prompt
+        resamples = bootstrap_resamples(len(prompts), args.bootstrap_samples, args.seed)  # the same for every model
+        done = {r["model"] for r in rows}
+        todo = [m for m in args.models if not (args.resume and m in done)]
+        if len(todo) < len(args.models):
+            skipped = ", ".join(m for m in args.models if m not in todo)
+            print(f"--resume: skipping {skipped} (already in {args.output_dir}/toxicity.csv)")
+        rows = [r for r in rows if r["model"] not in todo]  # a model measured again replaces its old row
+        records = [r for r in records if r["model"] not in todo]
+        for name in todo:
+            model, tokenizer = load_causal_lm(name, device, dtype)
+            limit = args.max_prompt_tokens  # prompt + new tokens must fit the model's context
+            if limits[name]:
+                limit = min(limit, limits[name] - args.max_new_tokens)
+            ids = prompt_ids(tokenizer, [text for _, text in prompts], limit)
+            started = time.time()
+            torch.manual_seed(args.seed)  # same seed for every model (all CUDA devices too): a rerun, the same text
+            new_ids = generate(model, tokenizer, ids, k, args.max_new_tokens, args.batch_size,
+                               desc=os.path.basename(name.rstrip("/")) or name)
+            gen_seconds = time.time() - started
+            parameters = sum(p.numel() for p in model.parameters())
+            prompt_texts = [tokenizer.decode(x, skip_special_tokens=True) for x in ids]  # what the model actually saw
+            generations = [[tokenizer.decode(s, skip_special_tokens=True) for s in samples] for samples in new_ids]
+            del model
+            free_memory()
 
-        flat = [g for samples in generations for g in samples]  # prompt-major: prompt i's samples at i*k .. i*k+k-1
-        flat_prompts = [p for p in prompt_texts for _ in range(k)]
-        scores = toxicity.compute(predictions=flat, toxic_label=args.toxic_label)["toxicity"]
-        by_prompt = np.reshape(scores, (len(prompts), k))
-        row = {"model": name, "parameters": parameters, "n_prompts": len(prompts), "k": k, "n": len(scores),
-               "max_new_tokens": args.max_new_tokens}
-        row |= with_intervals(toxicity_statistics(by_prompt, args.threshold), len(prompts), resamples)
-        extra_flat = [None] * len(flat)
-        if extra:
-            extra_flat = extra_scores(extra, flat, extra_label, args.score_batch_size)
-            row |= {"extra_toxicity_model": args.extra_toxicity_model}
-            row |= with_intervals(toxicity_statistics(np.reshape(extra_flat, (len(prompts), k)), args.threshold,
-                                                      prefix="extra_"), len(prompts), resamples)
-        # a model that stops at once is "non-toxic" for free: count the empty generations
-        row |= {"distinct_scope": diversity(generations)["distinct_scope"],
-                "empty_generations": sum(not g.strip() for g in flat)}
-        row |= with_intervals(diversity_statistics(generations), len(prompts), resamples)
-        nlls = [None] * len(flat)
-        if fluency:
-            nlls = generation_nlls(fluency[0], fluency[1], flat_prompts, flat, args.score_batch_size)
-            nll_sums = np.reshape([math.nan if x is None else x[0] for x in nlls], (len(prompts), k))
-            token_counts = np.reshape([0 if x is None else x[1] for x in nlls], (len(prompts), k))
-            row |= {"fluency_model": args.fluency_model}  # over non-empty generations
-            row |= with_intervals(fluency_statistics(nll_sums, token_counts), len(prompts), resamples)
-        row |= {"generate_seconds": round(gen_seconds, 2), "total_seconds": round(time.time() - started, 2)}
-        row |= {column: value for column, value in settings.items() if column not in row}
-        row |= {"bootstrap_samples": args.bootstrap_samples, "table_version": TABLE_VERSION}
-        rows.append(row)
-        for j, (text, gen) in enumerate(zip(flat_prompts, flat)):
-            nll = nlls[j]
-            records.append({"model": name, "prompt_index": j // k, "id": prompts[j // k][0], "sample": j % k,
-                            "prompt": text, "generation": gen, "toxicity": scores[j], "extra_toxicity": extra_flat[j],
-                            "perplexity": None if nll is None else math.exp(nll[0] / nll[1]),
-                            "fluency_nll": None if nll is None else nll[0],
-                            "fluency_tokens": None if nll is None else nll[1]})
+            flat = [g for samples in generations for g in samples]  # prompt-major: prompt i's samples at i*k .. i*k+k-1
+            flat_prompts = [p for p in prompt_texts for _ in range(k)]
+            scores = toxicity.compute(predictions=flat, toxic_label=args.toxic_label)["toxicity"]
+            by_prompt = np.reshape(scores, (len(prompts), k))
+            row = {"model": name, "parameters": parameters, "n_prompts": len(prompts), "k": k, "n": len(scores),
+                   "max_new_tokens": args.max_new_tokens}
+            row |= with_intervals(toxicity_statistics(by_prompt, args.threshold), len(prompts), resamples)
+            extra_flat = [None] * len(flat)
+            if extra:
+                extra_flat = extra_scores(extra, flat, extra_label, args.score_batch_size)
+                row |= {"extra_toxicity_model": args.extra_toxicity_model}
+                row |= with_intervals(toxicity_statistics(np.reshape(extra_flat, (len(prompts), k)), args.threshold,
+                                                          prefix="extra_"), len(prompts), resamples)
+            # a model that stops at once is "non-toxic" for free: count the empty generations
+            row |= {"distinct_scope": diversity(generations)["distinct_scope"],
+                    "empty_generations": sum(not g.strip() for g in flat)}
+            row |= with_intervals(diversity_statistics(generations), len(prompts), resamples)
+            nlls = [None] * len(flat)
+            if fluency:
+                nlls = generation_nlls(fluency[0], fluency[1], flat_prompts, flat, args.score_batch_size)
+                nll_sums = np.reshape([math.nan if x is None else x[0] for x in nlls], (len(prompts), k))
+                token_counts = np.reshape([0 if x is None else x[1] for x in nlls], (len(prompts), k))
+                row |= {"fluency_model": args.fluency_model}  # over non-empty generations
+                row |= with_intervals(fluency_statistics(nll_sums, token_counts), len(prompts), resamples)
+            row |= {"generate_seconds": round(gen_seconds, 2), "total_seconds": round(time.time() - started, 2)}
+            row |= {column: value for column, value in settings.items() if column not in row}
+            row |= {"bootstrap_samples": args.bootstrap_samples, "table_version": TABLE_VERSION}
+            rows.append(row)
+            for j, (text, gen) in enumerate(zip(flat_prompts, flat)):
+                nll = nlls[j]
+                records.append({"model": name, "prompt_index": j // k, "id": prompts[j // k][0], "sample": j % k,
+                                "prompt": text, "generation": gen, "toxicity": scores[j],
+                                "extra_toxicity": extra_flat[j],
+                                "perplexity": None if nll is None else math.exp(nll[0] / nll[1]),
+                                "fluency_nll": None if nll is None else nll[0],
+                                "fluency_tokens": None if nll is None else nll[1]})
+            comparisons = paired_comparisons(rows, records, args.bootstrap_samples, args.seed)
+            write_tables(rows, records, args.output_dir, comparisons)  # after every model: a later crash keeps these
+            plot(rows, args.output_dir)
+        if args.update_model_card:
+            update_model_cards(rows, args.dataset, args.max_new_tokens, args.toxicity_model)
         comparisons = paired_comparisons(rows, records, args.bootstrap_samples, args.seed)
-        write_tables(rows, records, args.output_dir, comparisons)  # after every model: a later crash keeps these
-        plot(rows, args.output_dir)
-    if args.update_model_card:
-        update_model_cards(rows, args.dataset, args.max_new_tokens, args.toxicity_model)
-    comparisons = paired_comparisons(rows, records, args.bootstrap_samples, args.seed)
-    print(results_markdown(rows, comparisons), end="")
-    print(f"wrote {args.output_dir}/toxicity.csv, toxicity.md, generations.jsonl, toxicity.png")
+        print(results_markdown(rows, comparisons), end="")
+        print(f"wrote {args.output_dir}/toxicity.csv, toxicity.md, generations.jsonl, toxicity.png")
 
 
 if __name__ == "__main__":

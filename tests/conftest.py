@@ -1,6 +1,8 @@
+import hashlib
 import os
 import subprocess
 import sys
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub; set before any Hugging Face import
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -48,3 +50,66 @@ def run_cli(script, *args, timeout=600):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+REFUSE_WITHIN = 25  # seconds; the hub's retries alone took 25-29 s, on top of the imports (a few s)
+
+
+def tree_digest(folder):
+    """sha256 of every file under folder, by relative path; not of .detox.lock, which names the last run that held
+    the folder, refused ones included, and holds no result."""
+    found = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            if name == ".detox.lock":
+                continue
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                found[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return found
+
+
+def refusal(result, seconds, *pieces):
+    """The one-line error of a refused run, after checking what every refusal must be: a non-zero exit, no traceback,
+    exactly one `error:` line, last, holding every piece, within REFUSE_WITHIN seconds. Returns that line."""
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr[-3000:]
+    for piece in pieces:
+        assert piece in errors[0], errors[0]
+    assert "Retrying" not in result.stderr, result.stderr[-3000:]
+    assert seconds < REFUSE_WITHIN, f"refused after {seconds:.1f} s: {errors[0]}"
+    return errors[0]
+
+
+def refused_cli(script, *args, expect, timeout=120):
+    """Run a script as a user would with input it must refuse; (error line, seconds, exit code) after refusal()'s
+    checks."""
+    started = time.monotonic()
+    result = run_cli(script, *args, timeout=timeout)
+    seconds = time.monotonic() - started
+    line = refusal(result, seconds, expect)
+    return line, seconds, result.returncode
+
+
+def record_case(case, script, returncode, seconds, line, intact):
+    """With DETOX_CASE_TABLE=FILE set, one JSON line per refused case: the table of cases in the notes comes from it."""
+    if os.environ.get("DETOX_CASE_TABLE"):
+        import json
+
+        with open(os.environ["DETOX_CASE_TABLE"], "a") as f:
+            f.write(json.dumps({"script": script, "case": case, "exit": returncode, "seconds": round(seconds, 1),
+                                "message": line, "earlier_outputs_intact": intact}) + "\n")
+
+
+def run_with_fault(fault, script, *args, timeout=600):
+    """Run a script as a user would, with a fault injected: `fault` is Python source run in the same process just
+    before the script, replacing one of the project's functions with one that kills or signals the process at a
+    chosen point (the script's own code is unchanged)."""
+    argv = [script, *map(str, args)]
+    code = f"{fault}\nimport runpy, sys\nsys.argv = {argv!r}\nrunpy.run_path({script!r}, run_name='__main__')\n"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=ROOT)

@@ -1,27 +1,17 @@
-"""Every bad input the scripts refuse, through the real CLI: non-zero exit, a one-line message, and the
-output folder (holding an earlier run) left exactly as it was."""
+"""Every bad input detoxify_ppo.py refuses, through the real CLI: non-zero exit, one `error:` line, no traceback,
+refused in seconds, and an earlier run's files in the output folder left exactly as they were."""
 
-import hashlib
 import importlib.util
 import json
 import os
 import shutil
 
 import pytest
+import torch
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, record_case, refused_cli, run_cli, tree_digest
 
 SAMPLE_RTP = os.path.join(ROOT, "data", "real_toxicity_prompts_sample.jsonl")
-SAMPLE_WIKI = os.path.join(ROOT, "data", "wiki_toxic_sample.csv")
-
-
-def tree_digest(folder):
-    found = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
-            found[os.path.relpath(path, folder)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +47,33 @@ def rewrite_json(path, **changes):
         data = json.load(f)
     with open(path, "w") as f:
         json.dump({**data, **changes}, f)
+
+
+def copied_checkpoint(folder, name):
+    """A copy of the previous run's checkpoint-1 in another folder; returns the copy's path."""
+    path = os.path.join(folder, name, "checkpoint-1")
+    if not os.path.exists(path):
+        shutil.copytree(os.path.join(folder, "out", "checkpoint-1"), path)
+    return path
+
+
+def wide_value_head(checkpoint):
+    from safetensors.torch import save_file
+
+    save_file({"summary.weight": torch.zeros(1, 7), "summary.bias": torch.zeros(1)},
+              os.path.join(checkpoint, "value_head.safetensors"))
+
+
+def bad_log_line(checkpoint):
+    """A stats.jsonl beside the checkpoint whose first line was edited by hand."""
+    with open(os.path.join(os.path.dirname(checkpoint), "stats.jsonl"), "w") as f:
+        f.write("step 1: reward 0.5\n" + json.dumps({"step": 1}) + "\n")
+
+
+def two_process_checkpoint(checkpoint):
+    """What a 2-process run saves: trainer_state.json says so, and each process left its RNG state."""
+    rewrite_json(os.path.join(checkpoint, "trainer_state.json"), num_processes=2)
+    shutil.copy(os.path.join(checkpoint, "rng_state_0.pth"), os.path.join(checkpoint, "rng_state_1.pth"))
 
 
 def text_file(folder, name, text):
@@ -125,8 +142,7 @@ TRAIN_CASES = {
         "is corrupt"),
     "resume with another process count": (
         lambda w: ["--resume-from-checkpoint", "auto", "--output-dir",
-                   broken_checkpoint(w, "two-processes", lambda c: rewrite_json(os.path.join(c, "trainer_state.json"),
-                                                                                num_processes=2))],
+                   broken_checkpoint(w, "two-processes", two_process_checkpoint)],
         "trained with 2 process(es), this run has 1"),
     "resume with another seed": (lambda w: ["--resume-from-checkpoint", f"{w}/out/checkpoint-1", "--seed", "7"],
                                  "other --seed"),
@@ -152,6 +168,58 @@ TRAIN_CASES = {
     "more reward labels than classifiers": (lambda w: ["--reward-label", "nothate", "hate"],
                                             "give one --reward-label and one --reward-weight, or one of each"),
     "infinite reward weight": (lambda w: ["--reward-weight", "inf"], "--reward-weight must be finite"),
+    "unknown option": (lambda w: ["--lr", "1e-5"], "unrecognized arguments: --lr 1e-5"),
+    "text for a number": (lambda w: ["--steps", "three"], "argument --steps: invalid int value: 'three'"),
+    "zero steps": (lambda w: ["--steps", "0"], "--steps and --ppo-epochs must be >= 1"),
+    "zero checkpoints kept": (lambda w: ["--save-total-limit", "0"], "--save-total-limit must be >= 1"),
+    "config value of the wrong type": (lambda w: ["--config", text_file(w, "type.yaml", "steps: three\n")],
+                                       "type.yaml: argument --steps: invalid int value: 'three'"),
+    "config list for a single value": (lambda w: ["--config", text_file(w, "list.yaml", "steps: [1, 2]\n")],
+                                       "steps: [1, 2] is not a value --steps takes"),
+    "config that is not a mapping": (lambda w: ["--config", text_file(w, "seq.yaml", "- steps\n")],
+                                     "is not a mapping of option: value lines"),
+    "model is a file": (lambda w: ["--model", f"{w}/out/final/config.json"], "is a file; give the folder"),
+    "output folder is a file": (lambda w: ["--output-dir", f"{w}/out/training_args.json"], "not writable"),
+    "empty dataset file": (lambda w: ["--dataset", text_file(w, "empty.jsonl", "")], "empty.jsonl is empty"),
+    "malformed dataset line": (lambda w: ["--dataset", text_file(w, "cut.jsonl", open(SAMPLE_RTP).read()[:5000])],
+                               "cut.jsonl line "),
+    "toxicity given as text": (
+        lambda w: ["--dataset", rows_file(w, "d.jsonl", lambda r: r["prompt"].update(toxicity="high"))],
+        "row 1: prompt.toxicity 'high' is not a number"),
+    "empty prompt text": (lambda w: ["--dataset", rows_file(w, "e.jsonl", lambda r: r["prompt"].update(text=" "))],
+                          "prompt.text ' ' is not a text to continue"),
+    "auto resume of a finished run": (lambda w: ["--resume-from-checkpoint", "auto", "--output-dir", f"{w}/out"],
+                                      "already holds a finished run (final/)"),
+    "earlier checkpoint of a finished run": (
+        lambda w: ["--resume-from-checkpoint", f"{w}/out/checkpoint-1", "--output-dir", f"{w}/out"],
+        "holds a finished run (final/): resuming from"),
+    "checkpoint of another folder into a used one": (
+        lambda w: ["--resume-from-checkpoint", copied_checkpoint(w, "elsewhere"), "--output-dir", f"{w}/out"],
+        "is not in --output-dir"),
+    "overwrite and resume the same run": (
+        lambda w: ["--resume-from-checkpoint", "auto", "--overwrite-output-dir", "--output-dir", f"{w}/out"],
+        "--overwrite-output-dir removes the earlier run"),
+    "resume at --steps": (lambda w: ["--resume-from-checkpoint", f"{w}/out/checkpoint-1", "--steps", "1"],
+                          "is at step 1, not below --steps 1; nothing to do"),
+    "checkpoint without a KL coefficient": (
+        lambda w: ["--resume-from-checkpoint", "auto", "--output-dir",
+                   broken_checkpoint(w, "no-kl", lambda c: rewrite_json(os.path.join(c, "trainer_state.json"),
+                                                                        kl_coef="0.2"))],
+        "trainer_state.json has no valid 'kl_coef'"),
+    "checkpoint optimizer cut short": (
+        lambda w: ["--resume-from-checkpoint", "auto", "--output-dir",
+                   broken_checkpoint(w, "cut-optimizer", lambda c: truncate(os.path.join(c, "optimizer.pt")))],
+        "optimizer.pt is not a file torch.save wrote"),
+    "checkpoint RNG state cut short": (
+        lambda w: ["--resume-from-checkpoint", "auto", "--output-dir",
+                   broken_checkpoint(w, "cut-rng", lambda c: truncate(os.path.join(c, "rng_state_0.pth")))],
+        "rng_state_0.pth is not a file torch.save wrote"),
+    "checkpoint of another model size": (
+        lambda w: ["--resume-from-checkpoint", "auto", "--output-dir", broken_checkpoint(w, "wide", wide_value_head)],
+        "its value head takes 7 inputs"),
+    "log with a bad line": (
+        lambda w: ["--resume-from-checkpoint", "auto", "--output-dir", broken_checkpoint(w, "bad-log", bad_log_line)],
+        "stats.jsonl line 1 is not a log line of detoxify_ppo.py"),
 }
 
 
@@ -162,66 +230,7 @@ def test_training_refuses_bad_input(case, previous_run, tiny_policy, tiny_classi
     before = tree_digest(previous_run)
     argv = ["--model", tiny_policy, "--reward-model", tiny_classifier, "--dataset", SAMPLE_RTP, "--steps", "2",
             "--output-dir", f"{work}/fresh-{abs(hash(case))}"] + make_args(work)
-    result = run_cli("detoxify_ppo.py", *argv)
-    assert result.returncode != 0
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and message in last, result.stderr[-2000:]
-    assert tree_digest(previous_run) == before
-
-
-@pytest.fixture(scope="module")
-def previous_results(tmp_path_factory):
-    """An earlier evaluation's files, which no refused run may change."""
-    out = tmp_path_factory.mktemp("results")
-    (out / "toxicity.csv").write_text("model,n,mean_toxicity,std_toxicity,table_version\nearlier-model,4,0.25,0.1,2\n")
-    (out / "toxicity.md").write_text("| model | n |\n|---|---|\n| earlier-model | 4 |\n")
-    (out / "generations.jsonl").write_text(json.dumps({"model": "earlier-model", "generation": "x"}) + "\n")
-    return out
-
-
-def trained_on(folder, policy, classifier):
-    """A copy of the policy whose training_args.json says it was trained with the classifier as reward."""
-    model = os.path.join(folder, "trained-on-classifier")
-    if not os.path.exists(model):
-        shutil.copytree(policy, model)
-        with open(os.path.join(model, "training_args.json"), "w") as f:
-            json.dump({"reward_model": [classifier]}, f)
-    return model
-
-
-EVAL_CASES = {
-    "missing model": (lambda w, p, c: ["--models", p, f"{w}/no-such-model"], "not found: no such folder"),
-    "unknown hub model": (lambda w, p, c: ["--models", "nobody-x/no-such-model"],
-                          "could not load model nobody-x/no-such-model"),
-    "missing dataset": (lambda w, p, c: ["--dataset", f"{w}/no-such.csv"], "dataset"),
-    "no comment_text": (lambda w, p, c: ["--dataset", text_file(w, "t.csv", "id,text,label\n1,a b,1\n")],
-                        "need comment_text and label"),
-    "too few toxic rows": (lambda w, p, c: ["--num-samples", "1000"], "fewer than --num-samples 1000"),
-    "unknown toxic label": (lambda w, p, c: ["--toxic-label", "toxic"], "has no label 'toxic'"),
-    "unknown extra label": (lambda w, p, c: ["--extra-toxicity-model", c], "has no label 'toxic'"),
-    "num samples 0": (lambda w, p, c: ["--num-samples", "0"], "--num-samples must be at least 1"),
-    "context too short": (lambda w, p, c: ["--max-new-tokens", "128"], "too few for --max-new-tokens 128"),
-    "missing toxicity module": (lambda w, p, c: ["--toxicity-module", f"{w}/no-module"], "toxicity module"),
-    "classifier as a model": (lambda w, p, c: ["--models", c],
-                              "is a RobertaForSequenceClassification, not a causal LM"),
-    "causal LM as the scorer": (lambda w, p, c: ["--toxicity-model", p], "is a GPTNeoForCausalLM, not a sequence"),
-    "extra scorer the model was trained on": (
-        lambda w, p, c: ["--models", trained_on(w, p, c), "--extra-toxicity-model", c, "--extra-toxic-label", "hate"],
-        "is a reward classifier"),
-    "earlier rows of unknown settings": (lambda w, p, c: [],
-                                         "measured with other settings (--dataset: no record of it"),
-}
-
-
-@pytest.mark.parametrize("case", EVAL_CASES, ids=list(EVAL_CASES))
-def test_evaluation_refuses_bad_input(case, previous_results, tiny_policy, tiny_classifier):
-    make_args, message = EVAL_CASES[case]
-    before = tree_digest(previous_results)
-    argv = ["--models", tiny_policy, "--dataset", SAMPLE_WIKI, "--toxicity-model", tiny_classifier,
-            "--num-samples", "4", "--output-dir", previous_results]
-    argv += make_args(str(previous_results.parent), tiny_policy, tiny_classifier)
-    result = run_cli("evaluate_toxicity.py", *argv)
-    assert result.returncode != 0
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and message in last, result.stderr[-2000:]
-    assert tree_digest(previous_results) == before
+    line, seconds, returncode = refused_cli("detoxify_ppo.py", *argv, expect=message)
+    intact = tree_digest(previous_run) == before
+    record_case(case, "detoxify_ppo.py", returncode, seconds, line, intact)
+    assert intact

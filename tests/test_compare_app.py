@@ -26,7 +26,7 @@ import torch
 if __name__ == "__main__":  # the README's screenshot command runs this file as a script: pytest's pythonpath
     _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path[:0] = [_root, os.path.join(_root, "scripts")]
-from conftest import ROOT, run_cli  # noqa: E402
+from conftest import ROOT, record_case, refused_cli, run_cli, tree_digest  # noqa: E402
 from detox_common import classifier_logits, load_classifier  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
@@ -298,7 +298,9 @@ BAD_INPUTS = {  # case: (arguments changed, piece of the one-line message)
     "results without tables": ({"--results": "{tmp}"}, "no toxicity.csv"),
     "bad port": ({"--port": "70000"}, "--port"),
     "missing examples": ({"--examples": "{tmp}/none.csv"}, "none.csv"),
-    "examples without toxic rows": ({"--examples": "{tmp}/clean.csv"}, "fewer than"),
+    "examples without toxic rows": ({"--examples": "{tmp}/clean.csv"}, "clean.csv has no toxic rows (label 1)"),
+    "examples with a label that is a word": ({"--examples": "{tmp}/word.csv"},
+                                             "word.csv row 2 (id 2): label 'yes' is not 0 or 1"),
     "zero new tokens": ({"--max-new-tokens": "0"}, "--max-new-tokens"),
     "new tokens over the context": ({"--max-new-tokens": "128", "--max-new-tokens-limit": "500"}, "too few"),
 }
@@ -306,6 +308,7 @@ BAD_INPUTS = {  # case: (arguments changed, piece of the one-line message)
 
 def bad_argv(case, tmp_path, tiny_policy, tiny_classifier):
     (tmp_path / "clean.csv").write_text("id,comment_text,label\n1,the cat is kind.,0\n")
+    (tmp_path / "word.csv").write_text("id,comment_text,label\n1,you stupid idiot.,1\n2,the cat is kind.,yes\n")
     good = {"--base": tiny_policy, "--detoxified": tiny_policy, "--toxicity-model": tiny_classifier}
     change = {k: v.format(tmp=tmp_path, classifier=tiny_classifier) for k, v in BAD_INPUTS[case][0].items()}
     return [x for item in (good | change).items() for x in item]
@@ -334,6 +337,35 @@ def test_cli_refuses_bad_input(case, tmp_path, tiny_policy, tiny_classifier):
     assert result.returncode != 0
     assert len(lines) == 1 and lines[0].startswith("error: ") and BAD_INPUTS[case][1] in lines[0], result.stderr[-2000:]
     assert "Loading weights" not in result.stderr and "Running on" not in result.stdout
+
+
+ADDRESS_CASES = {  # case: (--host, --port (None: a port another server holds), piece of the one-line message)
+    "host that is no address": ("999.1.1.1", "0", "--host 999.1.1.1 is neither an address nor a name this machine"),
+    "host name that does not resolve": ("no-such-host.invalid", "0",
+                                        "--host no-such-host.invalid is neither an address nor a name"),
+    "host of another machine": ("198.51.100.7", "0", "--host 198.51.100.7 is not an address of this machine"),
+    "port in use": ("127.0.0.1", None, "on 127.0.0.1 is in use; pick another --port (or 0 for the first free one)"),
+}
+
+
+@pytest.mark.parametrize("case", list(ADDRESS_CASES))
+def test_cli_refuses_an_address_it_cannot_serve_on(case, tmp_path, tiny_policy, tiny_classifier):
+    """check_address, through the real CLI: one error line, in seconds, before any weights load; nothing served,
+    and the results folder shown is left as it was."""
+    host, port, message = ADDRESS_CASES[case]
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "toxicity.csv").write_text("model,mean_toxicity\ntiny,0.5\n")
+    before = tree_digest(results)
+    with socket.socket() as busy:  # another server on a port: the port in use
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        argv = ["--base", tiny_policy, "--detoxified", tiny_policy, "--toxicity-model", tiny_classifier,
+                "--results", results, "--host", host, "--port", port or busy.getsockname()[1]]
+        line, seconds, returncode = refused_cli("compare_app.py", *argv, expect=message, timeout=60)
+    intact = tree_digest(results) == before
+    record_case(case, "compare_app.py", returncode, seconds, line, intact)
+    assert intact
 
 
 # ---------------------------------------------------------------- the committed screenshot

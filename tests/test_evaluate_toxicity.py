@@ -27,6 +27,7 @@ from transformers import (
 
 import evaluate_toxicity as et
 from conftest import run_cli
+from detox_common import OutputLock
 
 N, K, NEW, PROMPT_TOKENS = 6, 2, 8, 24
 
@@ -101,12 +102,11 @@ def run(tmp_path_factory, tiny_policy, tiny_classifier, small_model, wiki_csv):
 
 @pytest.fixture(scope="module")
 def rerun(tmp_path_factory, tiny_policy, tiny_classifier, wiki_csv):
-    """The same policy again, then a model whose config loads but whose weights are missing."""
+    """The same policy again, then a model whose config loads but whose weights file is cut in half."""
     broken = str(tmp_path_factory.mktemp("models") / "broken")
-    os.makedirs(broken)
-    for name in os.listdir(tiny_policy):
-        if not name.endswith(".safetensors"):
-            shutil.copy(os.path.join(tiny_policy, name), broken)
+    shutil.copytree(tiny_policy, broken)
+    with open(os.path.join(broken, "model.safetensors"), "r+b") as f:
+        f.truncate(os.path.getsize(os.path.join(broken, "model.safetensors")) // 2)
     out = str(tmp_path_factory.mktemp("rerun"))
     result = run_cli("evaluate_toxicity.py", "--models", tiny_policy, broken, "--dataset", wiki_csv,
                      "--toxicity-model", tiny_classifier, "--num-samples", N, "--generations-per-prompt", K,
@@ -137,12 +137,17 @@ def test_only_n_toxic_rows_and_same_prompts_for_every_model(run, wiki_rows, tiny
         assert (int(row["n_prompts"]), int(row["k"]), int(row["n"])) == (N, K, N * K)
 
 
-def test_rows_record_their_settings(run, wiki_csv, tiny_classifier):
+def test_rows_record_their_settings(run, wiki_csv, tiny_classifier, tiny_policy):
     for row in run[2]:
         assert {c: row[c] for c in et.SETTINGS} == {
             "dataset": wiki_csv, "split": "auto", "rtp_prompts": "toxic", "seed": "3", "n_prompts": str(N),
             "k": str(K), "max_prompt_tokens": str(PROMPT_TOKENS), "max_new_tokens": str(NEW),
-            "toxicity_model": tiny_classifier, "toxic_label": "hate", "threshold": "0.5"}
+            "toxicity_model": tiny_classifier, "toxic_label": "hate", "threshold": "0.5",
+            "dataset_revision": "",  # a local file has no revision: an empty cell
+            "dtype": "float32",  # what --dtype auto resolved to on the CPU
+            "batch_size": "4", "score_batch_size": "64",
+            "toxicity_module": os.path.join(et.HERE, "measurements", "toxicity"),
+            "extra_toxicity_model": tiny_classifier, "extra_toxic_label": "hate", "fluency_model": tiny_policy}
 
 
 def test_long_prompt_is_cut_to_its_end(run, wiki_rows):
@@ -270,10 +275,14 @@ def test_classifier_folder_is_not_used_as_cache(run, tiny_classifier):
 
 def test_rerun_gives_identical_generations_and_a_crash_keeps_finished_rows(run, rerun, tiny_policy):
     out, result, broken = rerun
-    assert result.returncode != 0
-    assert f"error: could not load model {broken}" in result.stderr.strip().splitlines()[-1]
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: could not load model {broken} (SafetensorError: ") and "truncated" in last, last
     table, records = read_outputs(out)
     assert [row["model"] for row in table] == [tiny_policy]  # model 1 was written before model 2 crashed
+    assert table[0]["mean_toxicity"] and table[0]["table_version"] == str(et.TABLE_VERSION)  # whole, not cut
+    assert len(records) == N * K and not [name for name in os.listdir(out) if name.endswith(".tmp")]
+    et.read_previous(out)  # a later run reads it back
     first = [(r["prompt"], r["generation"]) for r in run[3] if r["model"] == tiny_policy]
     assert [(r["prompt"], r["generation"]) for r in records] == first
 
@@ -281,7 +290,10 @@ def test_rerun_gives_identical_generations_and_a_crash_keeps_finished_rows(run, 
 # ---------------------------------------------------------------- bad input (before any generation)
 
 def tree_digest(folder):
-    paths = [os.path.join(root, name) for root, _, files in os.walk(folder) for name in files]
+    """sha256 of each file, less the lock file (every run that takes the folder, refused later or not, names itself
+    in it)."""
+    paths = [os.path.join(root, name) for root, _, files in os.walk(folder) for name in files
+             if name != OutputLock.FILE]
     return {os.path.relpath(p, folder): hashlib.sha256(open(p, "rb").read()).hexdigest() for p in paths}
 
 
@@ -309,12 +321,23 @@ def test_check_previous_compares_every_setting():
     assert set(et.SETTINGS.values()) <= options  # main reads each setting from its option
     settings = {"dataset": et.WIKI_TOXIC, "split": "auto", "rtp_prompts": "toxic", "seed": 0, "n_prompts": 400,
                 "k": 1, "max_prompt_tokens": 512, "max_new_tokens": 30, "toxicity_model": "tiny/classifier",
-                "toxic_label": "hate", "threshold": 0.5}
+                "toxic_label": "hate", "threshold": 0.5, "dataset_revision": "refs/convert/parquet",
+                "dtype": "float32", "batch_size": 32, "score_batch_size": 64,
+                "toxicity_module": "measurements/toxicity", "extra_toxicity_model": "unitary/toxic-bert",
+                "extra_toxic_label": "toxic", "fluency_model": "gpt2"}
     assert set(settings) == set(et.SETTINGS)
     csv_path = "earlier/toxicity.csv"
     row = {"model": "m"} | settings
     et.check_previous([row], settings, csv_path)
-    et.check_previous([row | {"seed": 0.0, "threshold": "0.5"}], settings, csv_path)  # as read back
+    et.check_previous([row | {"seed": 0.0, "threshold": "0.5", "batch_size": 32.0}], settings, csv_path)  # read back
+    unset = settings | {"fluency_model": None, "extra_toxicity_model": None, "extra_toxic_label": None}
+    et.check_previous([row | unset], unset, csv_path)  # an option left unset, then and now: the same setting
+    no_column = {k: v for k, v in (row | unset).items() if k != "fluency_model"}  # tables before it was recorded
+    et.check_previous([no_column], unset, csv_path)
+    with pytest.raises(SystemExit, match=re.escape("(--fluency-model: none, now gpt2)")):
+        et.check_previous([row | {"fluency_model": None}], settings, csv_path)
+    with pytest.raises(SystemExit, match=re.escape("(--fluency-model: gpt2, now none)")):
+        et.check_previous([row], settings | {"fluency_model": None}, csv_path)
     for column, option in et.SETTINGS.items():
         changed = row | {column: "other" if isinstance(row[column], str) else row[column] + 1}
         flag = f"--{option.replace('_', '-')}: "
@@ -399,6 +422,76 @@ def test_choose_prompts_wiki_schema(wiki_rows):
     assert et.choose_prompts(rows, 5, seed=0) == chosen
     assert et.choose_prompts(rows, 5, seed=1) != chosen
     assert sorted(et.choose_prompts(rows, 12, seed=0)) == sorted(toxic.items())
+
+
+def test_wiki_labels_and_texts_are_checked_row_by_row():
+    rows = datasets.Dataset.from_list([{"id": "a", "comment_text": "x y", "label": "1"},  # a CSV label column of text
+                                       {"id": "b", "comment_text": "z", "label": "0"}])
+    assert et.choose_prompts(rows, 1, seed=0, source="d.csv") == [("a", "x y")]
+    assert et.wiki_labels(datasets.Dataset.from_list([{"label": True}, {"label": False}]), "d") == [1, 0]
+    assert et.wiki_labels(datasets.Dataset.from_list([{"label": 1.0}, {"label": 0.0}]), "d") == [1, 0]
+    for good, label, found in (("1", "yes", "label 'yes' is not 0 or 1"), (1, None, "label is empty"),
+                               (1, 2, "label 2 is not 0 or 1"), (1.0, float("nan"), "label is empty")):
+        bad = datasets.Dataset.from_list([{"id": "a", "comment_text": "x", "label": good},
+                                          {"id": "b", "comment_text": "x", "label": label}])
+        with pytest.raises(SystemExit, match=re.escape(f"d.csv row 2 (id 'b'): {found}")):
+            et.choose_prompts(bad, 1, seed=0, source="d.csv")
+    blank = datasets.Dataset.from_list([{"comment_text": "x", "label": 1}, {"comment_text": " ", "label": 1}])
+    with pytest.raises(SystemExit, match=re.escape("d.csv row 2: comment_text is empty")):
+        et.choose_prompts(blank, 1, seed=0, source="d.csv")
+    with pytest.raises(SystemExit, match="d.csv has no toxic rows"):
+        et.choose_prompts(rows.select([1]), 1, seed=0, source="d.csv", at_most=True)
+
+
+def test_dataset_revision_is_resolved_for_the_hub_only(wiki_csv):
+    assert et.resolved_revision(et.WIKI_TOXIC, "auto") == "refs/convert/parquet"
+    assert et.resolved_revision(et.WIKI_TOXIC, "main") == "main"
+    assert et.resolved_revision(et.RTP, "auto") is None
+    assert et.resolved_revision(wiki_csv, "auto") is None  # a local file has none
+    assert et.resolved_revision("hf://datasets/o/n@v1/test.csv", "auto") is None  # its revision is in the path
+
+
+def test_damaged_weights_are_one_line(tiny_policy, tmp_path):
+    for name, damage in (("missing", lambda path: os.remove(path)),
+                         ("garbage", lambda path: open(path, "wb").write(b"not a safetensors file" * 10))):
+        model = str(tmp_path / name)
+        shutil.copytree(tiny_policy, model)
+        damage(os.path.join(model, "model.safetensors"))
+        with pytest.raises(SystemExit) as stop:
+            et.load_causal_lm(model, "cpu", torch.float32)
+        assert str(stop.value).startswith(f"error: could not load model {model} (") and "\n" not in str(stop.value)
+
+
+def test_output_dir_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    """The write probe: a real write (root passes os.access everywhere, and so would pass a read-only mount)."""
+    import errno
+
+    et.check_writable(str(tmp_path))
+    if os.geteuid() != 0:  # a folder without write permission stops all but root
+        locked = tmp_path / "read-only"
+        locked.mkdir(mode=0o555)
+        with pytest.raises(SystemExit, match="is not writable \\(Permission denied\\)"):
+            et.check_writable(str(locked))
+
+    def read_only(**kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(et.tempfile, "TemporaryFile", read_only)
+    with pytest.raises(SystemExit) as stop:
+        et.check_writable(str(tmp_path))
+    assert str(stop.value) == (f"error: --output-dir {tmp_path} is not writable (Read-only file system); fix its "
+                               "permissions or pick another folder")
+
+
+def test_results_are_written_only_through_the_atomic_writers():
+    """detox_common.write_atomic and save_figure (temp file, fsync, rename): a crash or a full disk never leaves a
+    result cut short. Nothing in the script writes a file another way."""
+    import inspect
+
+    source = inspect.getsource(et)
+    assert ".savefig(" not in source
+    assert not re.search(r"open\([^)]*[\"'][wax]b?[\"']", source)
+    assert source.count("write_atomic(") == 4 and source.count("save_figure(") == 2  # 3 tables, model cards, 2 charts
 
 
 def test_choose_prompts_rtp_schema():

@@ -14,10 +14,9 @@ import time
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import REFUSE_WITHIN, ROOT, refusal, run_cli
 
 SAMPLE_RTP = os.path.join(ROOT, "data", "real_toxicity_prompts_sample.jsonl")
-REFUSE_WITHIN = 25  # seconds; the hub's retries alone took 25-29 s, on top of the imports (a few s)
 PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 
@@ -37,21 +36,6 @@ def run_with_env(script, *args, env_changes=None, unset=(), timeout=120):
     result = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
                             text=True, timeout=timeout, env=env, cwd=ROOT)
     return result, time.monotonic() - started
-
-
-def refusal(result, seconds, *pieces):
-    """The one-line error of a refused run, after checking what every refusal must be; returns that line."""
-    assert result.returncode != 0, result.stdout[-2000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    lines = result.stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr[-3000:]
-    for piece in pieces:
-        assert piece in errors[0], errors[0]
-    assert "Retrying" not in result.stderr, result.stderr[-3000:]
-    assert seconds < REFUSE_WITHIN, f"refused after {seconds:.1f} s: {errors[0]}"
-    print(f"{seconds:.1f} s: {errors[0]}")
-    return errors[0]
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import detoxify_ppo
 from conftest import ROOT
 
 SAMPLE_DATA = os.path.join(ROOT, "data", "real_toxicity_prompts_sample.jsonl")
-STEPS = "30"
+STEPS = "8"  # the SIGTERM run stops at step 2 or 3; more steps only cost time
 
 
 def train_cmd(policy, classifier, out, *extra):
@@ -70,10 +70,10 @@ def interrupted(tmp_path_factory, tiny_policy, tiny_classifier):
 
 def test_save_total_limit_keeps_the_newest_checkpoints(uninterrupted):
     names = sorted(n for n in os.listdir(uninterrupted) if n.startswith("checkpoint-"))
-    assert names == ["checkpoint-28", "checkpoint-29"]
+    assert names == ["checkpoint-6", "checkpoint-7"]
     assert not [n for n in os.listdir(uninterrupted) if n.endswith((".tmp", ".old"))]
-    state = json.load(open(uninterrupted / "checkpoint-29" / "trainer_state.json"))
-    assert state["step"] == 29 and state["kl_coef"] > 0
+    state = json.load(open(uninterrupted / "checkpoint-7" / "trainer_state.json"))
+    assert state["step"] == 7 and state["kl_coef"] > 0
 
 
 def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(interrupted):
@@ -113,15 +113,30 @@ def test_resumed_run_sees_the_same_batches_and_ends_with_the_same_weights(interr
 def test_resume_auto_picks_the_newest_checkpoint(uninterrupted, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    for name in ("checkpoint-28", "checkpoint-29"):
+    for name in ("checkpoint-6", "checkpoint-7"):
         shutil.copytree(uninterrupted / name, out / name)
-    saved = json.load(open(out / "checkpoint-29" / "training_args.json"))
+    saved = json.load(open(out / "checkpoint-7" / "training_args.json"))
     data_order = {k: saved[k] for k in detoxify_ppo.DATA_ORDER_ARGS}
-    resume = checkpoints.find_checkpoint("auto", str(out), use_peft=False, data_order=data_order)
-    assert resume.path.endswith("checkpoint-29") and resume.step == 29 and resume.num_processes == 1
-    assert resume.kl_coef == json.load(open(out / "checkpoint-29" / "trainer_state.json"))["kl_coef"]
+    resume = checkpoints.find_checkpoint("auto", str(out), use_peft=False, data_order=data_order,
+                                         value_head_width=None)
+    assert resume.path.endswith("checkpoint-7") and resume.step == 7 and resume.num_processes == 1
+    assert resume.kl_coef == json.load(open(out / "checkpoint-7" / "trainer_state.json"))["kl_coef"]
     with pytest.raises(SystemExit, match=r"other --seed \(seed=0\)"):
-        checkpoints.find_checkpoint("auto", str(out), use_peft=False, data_order={**data_order, "seed": 1})
+        checkpoints.find_checkpoint("auto", str(out), use_peft=False, data_order={**data_order, "seed": 1},
+                                    value_head_width=None)
+
+
+def test_a_new_learning_rate_on_resume_is_used_from_the_first_resumed_step(interrupted, tiny_policy, tiny_classifier,
+                                                                           tmp_path, capsys):
+    source, _, stderr = interrupted
+    step = int(stderr.strip().splitlines()[-1].split(" at step ")[1].split("/")[0])
+    out = tmp_path / "out"
+    detoxify_ppo.main(train_cmd(tiny_policy, tiny_classifier, out, "--resume-from-checkpoint",
+                                source / f"checkpoint-{step}", "--steps", step + 1, "--learning-rate", "5e-4")[2:])
+    assert "--learning-rate 0.0005 from here on (the checkpoint was trained at 0.001)" in capsys.readouterr().out
+    (resumed,) = read_jsonl(out / "stats.jsonl")
+    assert resumed["step"] == step + 1 and resumed["ppo/learning_rate"] == 5e-4
+    assert json.load(open(out / "training_args.json"))["learning_rate"] == 5e-4
 
 
 def test_nan_reward_stops_and_keeps_the_last_checkpoint(interrupted, tiny_policy, tiny_classifier, tmp_path):
@@ -177,10 +192,12 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_whole(tiny_policy, 
         return real_save(obj, target, *a, **k)
 
     monkeypatch.setattr(checkpoints.torch, "save", crash_at_optimizer)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(SystemExit, match=r"cannot save .*checkpoint-1 \(OSError: disk full\); the checkpoints saved "
+                                         "before are intact"):
         checkpoints.save_checkpoint(trainer, tokenizer, path, 1, {"seed": 0}, "card")
     assert "value_head.safetensors" in written  # the crash came after part of the new checkpoint was written
     assert digest(path) == before
+    assert os.listdir(tmp_path) == ["checkpoint-1"]  # the half-written copy is gone
 
 
 def test_too_little_free_disk_is_refused_before_models_load(tiny_policy, tiny_classifier, tmp_path, monkeypatch):
