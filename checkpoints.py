@@ -325,7 +325,8 @@ def load_checkpoint(ppo_trainer, resume, learning_rate):
     from safetensors.torch import load_file
 
     accelerator = ppo_trainer.accelerator
-    device = str(accelerator.device)
+    # "cpu:0", which accelerate gives each process on CPU, is a device name neither safetensors nor torch.load takes
+    device = "cpu" if accelerator.device.type == "cpu" else str(accelerator.device)
     model = accelerator.unwrap_model(ppo_trainer.model)
     try:
         if os.path.isfile(os.path.join(resume.path, LORA_FILES["model.safetensors"])):

@@ -87,11 +87,25 @@ def refusal(result, seconds, *pieces):
 def refused_cli(script, *args, expect, timeout=120):
     """Run a script as a user would with input it must refuse; (error line, seconds, exit code) after refusal()'s
     checks."""
-    started = time.monotonic()
-    result = run_cli(script, *args, timeout=timeout)
-    seconds = time.monotonic() - started
+    result, seconds = timed_cli(script, *args, timeout=timeout)
     line = refusal(result, seconds, expect)
     return line, seconds, result.returncode
+
+
+def timed_cli(script, *args, timeout=120):
+    """run_cli and the seconds it took."""
+    started = time.monotonic()
+    result = run_cli(script, *args, timeout=timeout)
+    return result, time.monotonic() - started
+
+
+def run_cases(run_case, cases):
+    """{case: run_case(case)}, as many cases at a time as there are cores: a refusal is mostly one core's imports,
+    so a table of them takes about 1/cores of the time. Each case must work in folders of its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return dict(zip(cases, pool.map(run_case, cases)))
 
 
 def record_case(case, script, returncode, seconds, line, intact):

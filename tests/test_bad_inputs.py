@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import ROOT, record_case, refused_cli, run_cli, tree_digest
+from conftest import ROOT, record_case, refusal, run_cases, run_cli, timed_cli, tree_digest
 
 SAMPLE_RTP = os.path.join(ROOT, "data", "real_toxicity_prompts_sample.jsonl")
 
@@ -223,14 +223,25 @@ TRAIN_CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def refused(previous_run, tiny_policy, tiny_classifier):
+    """Every case through the CLI, several at a time, each in a folder of its own holding a copy of the previous run
+    (`w/out`): {case: (CompletedProcess, seconds, the copy's files unchanged)}."""
+    def run_case(case):
+        work = previous_run.parent / f"case-{list(TRAIN_CASES).index(case)}"
+        shutil.copytree(previous_run, work / "out")
+        before = tree_digest(work / "out")
+        argv = ["--model", tiny_policy, "--reward-model", tiny_classifier, "--dataset", SAMPLE_RTP, "--steps", "2",
+                "--output-dir", work / "fresh"] + TRAIN_CASES[case][0](str(work))
+        result, seconds = timed_cli("detoxify_ppo.py", *argv)
+        return result, seconds, tree_digest(work / "out") == before
+
+    return run_cases(run_case, TRAIN_CASES)
+
+
 @pytest.mark.parametrize("case", TRAIN_CASES, ids=list(TRAIN_CASES))
-def test_training_refuses_bad_input(case, previous_run, tiny_policy, tiny_classifier):
-    make_args, message = TRAIN_CASES[case]
-    work = str(previous_run.parent)
-    before = tree_digest(previous_run)
-    argv = ["--model", tiny_policy, "--reward-model", tiny_classifier, "--dataset", SAMPLE_RTP, "--steps", "2",
-            "--output-dir", f"{work}/fresh-{abs(hash(case))}"] + make_args(work)
-    line, seconds, returncode = refused_cli("detoxify_ppo.py", *argv, expect=message)
-    intact = tree_digest(previous_run) == before
-    record_case(case, "detoxify_ppo.py", returncode, seconds, line, intact)
+def test_training_refuses_bad_input(case, refused):
+    result, seconds, intact = refused[case]
+    line = refusal(result, seconds, TRAIN_CASES[case][1])
+    record_case(case, "detoxify_ppo.py", result.returncode, seconds, line, intact)
     assert intact

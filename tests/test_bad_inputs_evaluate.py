@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, record_case, refused_cli, run_cli, tree_digest
+from conftest import ROOT, record_case, refusal, refused_cli, run_cases, run_cli, timed_cli, tree_digest
 from detox_common import OutputLock
 from test_bad_inputs import text_file
 
@@ -287,19 +287,35 @@ def last_output_dir(argv):
     return argv[len(argv) - 1 - argv[::-1].index("--output-dir") + 1]
 
 
+@pytest.fixture(scope="module")
+def refused(work, previous_results, evaluated, tiny_policy, tiny_classifier):
+    """Every case through the CLI, several at a time, each in a folder of its own holding copies of the earlier
+    results (`results`, written by hand; `evaluated`, a real evaluation): {case: (CompletedProcess, seconds, message,
+    earlier files unchanged, a new output folder left behind)}."""
+    def run_case(case):
+        w = work / f"case-{list(EVAL_CASES).index(case)}"
+        for earlier in (previous_results, evaluated["folder"]):
+            shutil.copytree(earlier, w / earlier.name)
+        make_args, message = EVAL_CASES[case]
+        argv = base_argv(tiny_policy, tiny_classifier, w / previous_results.name)
+        argv += make_args(str(w), tiny_policy, tiny_classifier)
+        if callable(message):
+            message = message(str(w), tiny_policy, tiny_classifier)
+        output_dir = str(last_output_dir(argv))
+        earlier = [f for f in dict.fromkeys([str(w / previous_results.name), output_dir]) if os.path.isdir(f)]
+        before = {folder: results_digest(folder) for folder in earlier}
+        new_folder = not os.path.exists(output_dir)
+        result, seconds = timed_cli("evaluate_toxicity.py", *argv)
+        intact = all(results_digest(folder) == digest for folder, digest in before.items())
+        return result, seconds, message, intact, new_folder and os.path.exists(output_dir)
+
+    return run_cases(run_case, EVAL_CASES)
+
+
 @pytest.mark.parametrize("case", EVAL_CASES, ids=list(EVAL_CASES))
-def test_evaluation_refuses_bad_input(case, work, previous_results, evaluated, tiny_policy, tiny_classifier):
-    make_args, message = EVAL_CASES[case]
-    argv = base_argv(tiny_policy, tiny_classifier, previous_results)
-    argv += make_args(str(work), tiny_policy, tiny_classifier)
-    if callable(message):
-        message = message(str(work), tiny_policy, tiny_classifier)
-    output_dir = str(last_output_dir(argv))
-    earlier = [folder for folder in dict.fromkeys([str(previous_results), output_dir]) if os.path.isdir(folder)]
-    before = {folder: results_digest(folder) for folder in earlier}
-    new_folder = not os.path.exists(output_dir)
-    line, seconds, returncode = refused_cli("evaluate_toxicity.py", *argv, expect=message)
-    intact = all(results_digest(folder) == digest for folder, digest in before.items())
-    record_case(case, "evaluate_toxicity.py", returncode, seconds, line, intact)
+def test_evaluation_refuses_bad_input(case, refused):
+    result, seconds, message, intact, left_a_folder = refused[case]
+    line = refusal(result, seconds, message)
+    record_case(case, "evaluate_toxicity.py", result.returncode, seconds, line, intact)
     assert intact
-    assert not (new_folder and os.path.exists(output_dir)), "a refused run left a new folder behind"
+    assert not left_a_folder, "a refused run left a new folder behind"

@@ -4,6 +4,7 @@ are refused at once, through the real CLIs, with one `error:` line that names th
 The hub is never reached: "unreachable" is HF_ENDPOINT pointing at a local port that is bound but not listening
 (a connection there is refused at once), with the proxies of the environment dropped and an empty HF_HOME."""
 
+import contextlib
 import os
 import re
 import shutil
@@ -14,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import REFUSE_WITHIN, ROOT, refusal, run_cli
+from conftest import REFUSE_WITHIN, ROOT, refusal, run_cases, run_cli
 
 SAMPLE_RTP = os.path.join(ROOT, "data", "real_toxicity_prompts_sample.jsonl")
 PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
@@ -38,14 +39,16 @@ def run_with_env(script, *args, env_changes=None, unset=(), timeout=120):
     return result, time.monotonic() - started
 
 
-@pytest.fixture
-def no_hub(tmp_path):
+@contextlib.contextmanager
+def unreachable_hub(folder):
     """Environment changes that make the hub unreachable without any traffic leaving this machine."""
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))  # bound, never listening: a connection to it is refused
-    yield {"HF_ENDPOINT": f"http://127.0.0.1:{closed.getsockname()[1]}", "HF_HOME": str(tmp_path / "hf-home"),
-           "NO_PROXY": "*"}
-    closed.close()
+    try:
+        yield {"HF_ENDPOINT": f"http://127.0.0.1:{closed.getsockname()[1]}", "HF_HOME": str(folder / "hf-home"),
+               "NO_PROXY": "*"}
+    finally:
+        closed.close()
 
 
 HUB_CASES = {  # case: (script, arguments, what the message names)
@@ -58,6 +61,20 @@ HUB_CASES = {  # case: (script, arguments, what the message names)
                               "dataset OxAISH-AL-LLM/wiki_toxic"),
     "compare: hub model": ("compare_app.py", ["--detoxified", "ybelkada/gpt-neo-125m-detox"],
                            "detoxified model ybelkada/gpt-neo-125m-detox"),
+}
+MISSING_PATHS = {  # case: (script, option, missing path, what the message names)
+    "train: model of a failed run": ("detoxify_ppo.py", "--model", "out/no-such-run/final", "model"),
+    "train: reward model folder": ("detoxify_ppo.py", "--reward-model", "./no-such-classifier", "reward model"),
+    "evaluate: model of a failed run": ("evaluate_toxicity.py", "--models", "out/no-such-run/final", "model"),
+    "evaluate: owner/name whose owner is a local folder": ("evaluate_toxicity.py", "--models", "data/no-such-model",
+                                                           "model"),
+    "compare: base model": ("compare_app.py", "--base", "out/no-such-run/final", "base model"),
+    "compare: detoxified model": ("compare_app.py", "--detoxified", "~/no-such-checkpoint", "detoxified model"),
+}
+MISSING_DATA = {  # case: (script, option, missing path)
+    "train: dataset file": ("detoxify_ppo.py", "--dataset", "data/nope.jsonl"),
+    "evaluate: dataset file": ("evaluate_toxicity.py", "--dataset", "nope.csv"),
+    "compare: examples file": ("compare_app.py", "--examples", "data/nope.parquet"),
 }
 
 
@@ -72,15 +89,33 @@ def local_argv(script, tiny_policy, tiny_classifier, tmp_path):
     return ["--base", tiny_policy, "--detoxified", tiny_policy, "--toxicity-model", tiny_classifier]
 
 
+@pytest.fixture(scope="module")
+def without_hub(tmp_path_factory, tiny_policy, tiny_classifier):
+    """Each case of HUB_CASES, MISSING_PATHS and MISSING_DATA run with the hub unreachable (several at a time, in
+    folders of their own): {case: (CompletedProcess, seconds, its folder)}. A path that is not there must be a
+    missing path at once: no hub id syntax error, no trip to the hub (even with hub access switched on)."""
+    cases = {**{case: (script, args) for case, (script, args, _) in HUB_CASES.items()},
+             **{case: (script, [option, path]) for case, (script, option, path, _) in MISSING_PATHS.items()},
+             **{case: (script, [option, path]) for case, (script, option, path) in MISSING_DATA.items()}}
+
+    def run_case(case):
+        script, args = cases[case]
+        folder = tmp_path_factory.mktemp("no-hub")
+        with unreachable_hub(folder) as changes:
+            result, seconds = run_with_env(script, *local_argv(script, tiny_policy, tiny_classifier, folder), *args,
+                                           env_changes=changes, unset=OFFLINE_VARS + PROXY_VARS)
+        return result, seconds, folder
+
+    return run_cases(run_case, cases)
+
+
 @pytest.mark.parametrize("case", HUB_CASES, ids=list(HUB_CASES))
-def test_hub_id_with_the_hub_unreachable(case, no_hub, tmp_path, tiny_policy, tiny_classifier):
+def test_hub_id_with_the_hub_unreachable(case, without_hub):
     """A hub id without hub access: refused in seconds (not after ~30 s of retries), naming both ways out."""
-    script, args, names = HUB_CASES[case]
-    result, seconds = run_with_env(script, *local_argv(script, tiny_policy, tiny_classifier, tmp_path), *args,
-                                   env_changes=no_hub, unset=OFFLINE_VARS + PROXY_VARS)
-    refusal(result, seconds, "cannot reach the Hugging Face Hub", names, "HF_HUB_OFFLINE=1", "local cache",
-            "is not in it", "pass a local", "python scripts/make_tiny_models.py tiny", 'README "Run"')
-    assert not (tmp_path / "out").exists()  # no empty output folder left behind
+    result, seconds, folder = without_hub[case]
+    refusal(result, seconds, "cannot reach the Hugging Face Hub", HUB_CASES[case][2], "HF_HUB_OFFLINE=1",
+            "local cache", "is not in it", "pass a local", "python scripts/make_tiny_models.py tiny", 'README "Run"')
+    assert not (folder / "out").exists()  # no empty output folder left behind
 
 
 def test_hub_id_missing_from_the_cache_offline(tmp_path, tiny_classifier):
@@ -92,43 +127,20 @@ def test_hub_id_missing_from_the_cache_offline(tmp_path, tiny_classifier):
             "unset HF_HUB_OFFLINE", "pass a local folder", "make_tiny_models.py tiny")
 
 
-MISSING_PATHS = {  # case: (script, option, missing path, what the message names)
-    "train: model of a failed run": ("detoxify_ppo.py", "--model", "out/no-such-run/final", "model"),
-    "train: reward model folder": ("detoxify_ppo.py", "--reward-model", "./no-such-classifier", "reward model"),
-    "evaluate: model of a failed run": ("evaluate_toxicity.py", "--models", "out/no-such-run/final", "model"),
-    "evaluate: owner/name whose owner is a local folder": ("evaluate_toxicity.py", "--models", "data/no-such-model",
-                                                           "model"),
-    "compare: base model": ("compare_app.py", "--base", "out/no-such-run/final", "base model"),
-    "compare: detoxified model": ("compare_app.py", "--detoxified", "~/no-such-checkpoint", "detoxified model"),
-}
-
-
 @pytest.mark.parametrize("case", MISSING_PATHS, ids=list(MISSING_PATHS))
-def test_missing_model_path(case, no_hub, tmp_path, tiny_policy, tiny_classifier):
-    """A path that is not there is a missing path at once: no hub id syntax error, no trip to the hub (even
-    with hub access switched on, here unreachable)."""
-    script, option, path, what = MISSING_PATHS[case]
-    result, seconds = run_with_env(script, *local_argv(script, tiny_policy, tiny_classifier, tmp_path), option, path,
-                                   env_changes=no_hub, unset=OFFLINE_VARS + PROXY_VARS)
+def test_missing_model_path(case, without_hub):
+    result, seconds, folder = without_hub[case]
+    _, _, path, what = MISSING_PATHS[case]
     line = refusal(result, seconds, f"{what} {path} not found: no such folder")
     assert "Repo id" not in line and "Hugging Face Hub" not in line
-    assert not (tmp_path / "out").exists()
-
-
-MISSING_DATA = {  # case: (script, option, missing path)
-    "train: dataset file": ("detoxify_ppo.py", "--dataset", "data/nope.jsonl"),
-    "evaluate: dataset file": ("evaluate_toxicity.py", "--dataset", "nope.csv"),
-    "compare: examples file": ("compare_app.py", "--examples", "data/nope.parquet"),
-}
+    assert not (folder / "out").exists()
 
 
 @pytest.mark.parametrize("case", MISSING_DATA, ids=list(MISSING_DATA))
-def test_missing_dataset_path(case, no_hub, tmp_path, tiny_policy, tiny_classifier):
-    script, option, path = MISSING_DATA[case]
-    result, seconds = run_with_env(script, *local_argv(script, tiny_policy, tiny_classifier, tmp_path), option, path,
-                                   env_changes=no_hub, unset=OFFLINE_VARS + PROXY_VARS)
-    refusal(result, seconds, f"dataset {path} not found: no such file or folder")
-    assert not (tmp_path / "out").exists()
+def test_missing_dataset_path(case, without_hub):
+    result, seconds, folder = without_hub[case]
+    refusal(result, seconds, f"dataset {MISSING_DATA[case][2]} not found: no such file or folder")
+    assert not (folder / "out").exists()
 
 
 def test_file_given_for_a_model_folder(tmp_path, tiny_policy, tiny_classifier):

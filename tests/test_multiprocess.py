@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -14,19 +15,37 @@ from conftest import ROOT
 SAMPLE_DATA = os.path.join(ROOT, "data", "real_toxicity_prompts_sample.jsonl")
 
 
-@pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory, tiny_policy, tiny_classifier):
-    out = tmp_path_factory.mktemp("ddp") / "out"
+def launch_two_processes(*args):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
     # --multi_gpu on a machine without GPUs starts two torchrun workers; the script makes them MULTI_CPU.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-           os.path.join(ROOT, "detoxify_ppo.py"), "--model", tiny_policy, "--reward-model", tiny_classifier,
-           "--dataset", SAMPLE_DATA, "--steps", "2", "--save-every", "1", "--output-dir", str(out),
-           "--eval-every", "1", "--eval-prompts", "8"]  # the held-out evaluation runs on rank 0 alone
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+           os.path.join(ROOT, "detoxify_ppo.py"), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory, tiny_policy, tiny_classifier):
+    out = tmp_path_factory.mktemp("ddp") / "out"
+    result = launch_two_processes("--model", tiny_policy, "--reward-model", tiny_classifier, "--dataset", SAMPLE_DATA,
+                                  "--steps", "2", "--save-every", "1", "--output-dir", out, "--eval-every", "1",
+                                  "--eval-prompts", "8")  # the held-out evaluation runs on rank 0 alone
     assert result.returncode == 0, result.stderr[-4000:]
     return out, result.stdout + result.stderr
+
+
+def test_a_two_process_run_resumes_to_the_same_weights(two_process_run, tiny_policy, tiny_classifier, tmp_path):
+    """Each process restores its own RNG state onto its own device ("cpu:0" on CPU); the evaluations of the first
+    run change nothing of the training, so the resumed run may leave them out."""
+    out, _ = two_process_run
+    shutil.copytree(out / "checkpoint-1", tmp_path / "out" / "checkpoint-1")
+    result = launch_two_processes("--model", tiny_policy, "--reward-model", tiny_classifier, "--dataset", SAMPLE_DATA,
+                                  "--steps", "2", "--output-dir", tmp_path / "out", "--resume-from-checkpoint", "auto")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "resuming from" in result.stdout and "checkpoint-1 at step 1" in result.stdout
+    resumed, straight = load_file(tmp_path / "out" / "final" / "model.safetensors"), load_file(
+        out / "final" / "model.safetensors")
+    assert resumed.keys() == straight.keys() and all((resumed[k] == straight[k]).all() for k in straight)
 
 
 def test_each_process_trains_on_its_own_prompts(two_process_run):
