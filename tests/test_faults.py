@@ -151,10 +151,14 @@ def test_a_second_training_into_a_busy_folder_is_refused_and_changes_nothing(tin
     deadline = time.time() + 120
     while not (os.path.exists(lock) and f"pid {first.pid} " in open(lock).read()) and time.time() < deadline:
         time.sleep(0.05)
-    started = time.monotonic()
-    second = subprocess.run([sys.executable, "detoxify_ppo.py", *train_args(tiny_policy, tiny_classifier, out),
-                             "--seed", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    seconds = time.monotonic() - started
+    os.kill(first.pid, signal.SIGSTOP)  # it keeps the folder, and cannot finish while the second one tries
+    try:
+        started = time.monotonic()
+        second = subprocess.run([sys.executable, "detoxify_ppo.py", *train_args(tiny_policy, tiny_classifier, out),
+                                 "--seed", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        seconds = time.monotonic() - started
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     line = refusal(second, seconds, f"--output-dir {out} is in use by training (pid {first.pid} ")
     assert first.poll() is None, "the first run ended before the second was refused: the test proves nothing"
     _, stderr = first.communicate(timeout=300)
