@@ -20,7 +20,6 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -283,15 +282,7 @@ def check_args(args):
             name.startswith("checkpoint-") or name == "final" for name in os.listdir(args.output_dir)):
         fail(f"--output-dir {args.output_dir} already holds checkpoints; pick another folder or pass "
              "--overwrite-output-dir")
-    created = not os.path.exists(args.output_dir)
-    try:  # a real write: os.access says yes to root even on a read-only mount
-        os.makedirs(args.output_dir, exist_ok=True)
-        with tempfile.TemporaryFile(dir=args.output_dir):
-            pass
-    except OSError as e:
-        fail(f"--output-dir {args.output_dir} is not writable ({e.strerror}); pick another folder")
-    if created:  # made again once the checks have passed: a refused run leaves no empty folder behind
-        os.rmdir(args.output_dir)
+    # whether the folder can be written is found by taking its lock (OutputLock in main): a real write
 
 
 def num_blocks(config):

@@ -294,3 +294,13 @@ def test_make_tiny_models_help():
     assert description.startswith("Build tiny offline stand-ins"), result.stdout
     assert "(default: 512)" in result.stdout and "(default: 0)" in result.stdout, result.stdout
     assert "--force" in result.stdout
+
+
+def test_a_bad_argument_is_refused_before_trl_is_imported():
+    """What the README says of the refusal time: the arguments are checked before trl's code is imported."""
+    code = ("import runpy, sys\nsys.argv = ['detoxify_ppo.py', '--batch-size', '0']\ntry:\n"
+            "    runpy.run_path('detoxify_ppo.py', run_name='__main__')\nexcept SystemExit as e:\n"
+            "    print(e)\nprint('trl imported:', 'trl' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert "error: --batch-size (0) must be a multiple" in result.stdout, result.stderr[-2000:]
+    assert "trl imported: False" in result.stdout

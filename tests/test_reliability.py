@@ -245,3 +245,23 @@ def test_nothing_non_finite_is_saved(tiny_policy, tmp_path):
     trainer.kl_ctl.value = 0.2
     checkpoints.save_checkpoint(trainer, tokenizer, path, 1, {"seed": 0}, "card")  # all finite again: saved
     assert os.listdir(tmp_path) == ["checkpoint-1"]
+
+
+def test_log_cut_back_drops_a_last_line_cut_short_and_names_any_other_bad_line(tmp_path):
+    path = tmp_path / "stats.jsonl"
+    path.write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3)) + '{"step": 4, "env/rew')
+    assert checkpoints.cut_log(str(path), 2, keep_records=True) == [{"step": 1}, {"step": 2}]
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n' and os.listdir(tmp_path) == ["stats.jsonl"]
+    path.write_text('{"step": 1}\nedited by hand\n{"step": 2}\n')
+    with pytest.raises(SystemExit, match=r"stats.jsonl line 2 is not a log line of detoxify_ppo.py"):
+        checkpoints.cut_log(str(path), 2, keep_records=False)
+    assert path.read_text() == '{"step": 1}\nedited by hand\n{"step": 2}\n'  # left as it was
+
+
+def test_a_log_write_on_a_full_disk_is_one_line(tmp_path):
+    os.symlink("/dev/full", tmp_path / "samples.jsonl")  # every write there fails with ENOSPC
+    log = checkpoints.RunLog(str(tmp_path), None, enabled=True)
+    with pytest.raises(SystemExit, match=r"cannot write the logs of step 1 \(No space left on device\); the "
+                                         "checkpoints saved before are intact"):
+        log.write(1, {"env/reward_mean": 0.5}, [{"step": 1, "query": "q", "response": "r"}])
+    log.close()
