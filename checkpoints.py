@@ -258,7 +258,7 @@ def find_checkpoint(resume_from, output_dir, use_peft, data_order, value_head_wi
         path = os.path.join(output_dir, f"checkpoint-{steps[-1]}")
     if not os.path.isdir(path):
         fail(f"--resume-from-checkpoint {path}: no such folder")
-    own = os.path.realpath(os.path.dirname(os.path.normpath(path))) == os.path.realpath(output_dir)
+    own = in_folder(path, output_dir)
     leftover = [n for n in os.listdir(output_dir) if n != ".detox.lock" and not (clearing_output_dir and (
         n in RUN_FILES or re.fullmatch(r"checkpoint-\d+", n)))]
     if not own and leftover:  # runs are never mixed
@@ -303,6 +303,11 @@ def find_checkpoint(resume_from, output_dir, use_peft, data_order, value_head_wi
         fail(f"checkpoint {path} was trained with other {', '.join('--' + k.replace('_', '-') for k in changed)} "
              f"({', '.join(f'{k}={saved_args.get(k)!r}' for k in changed)}); resume with the same values")
     return ResumePoint(path, state["step"], state["kl_coef"], state["num_processes"])
+
+
+def in_folder(checkpoint, output_dir):
+    """Whether a checkpoint folder is one of output_dir's own."""
+    return os.path.realpath(os.path.dirname(os.path.normpath(checkpoint))) == os.path.realpath(output_dir)
 
 
 def trainer_state_problem(state):

@@ -195,9 +195,9 @@ def config_arguments(path, parser):
     several = {action.dest for action in parser._actions if action.nargs in ("+", "*")}
     argv = []
     for key, value in values.items():
-        items = value if isinstance(value, list) else [value]
         if value is None:
             continue
+        items = value if isinstance(value, list) else [value]
         if (isinstance(value, list) and key not in several) or not items or any(
                 isinstance(v, (dict, list)) or v is None for v in items):
             fail(f"--config {path}: {key}: {value!r} is not a value --{key.replace('_', '-')} takes; see --help")
@@ -272,8 +272,8 @@ def check_args(args):
         fail("--lora-r and --lora-alpha must be >= 1")
     if args.save_total_limit is not None and args.save_total_limit < 1:
         fail(f"--save-total-limit must be >= 1, got {args.save_total_limit}")
-    resume_inside = args.resume_from_checkpoint == "auto" or (args.resume_from_checkpoint and os.path.realpath(
-        os.path.dirname(os.path.normpath(args.resume_from_checkpoint))) == os.path.realpath(args.output_dir))
+    resume_inside = args.resume_from_checkpoint == "auto" or (
+        args.resume_from_checkpoint and checkpoints.in_folder(args.resume_from_checkpoint, args.output_dir))
     if args.overwrite_output_dir and resume_inside:
         fail("--overwrite-output-dir removes the earlier run that --resume-from-checkpoint "
              f"{args.resume_from_checkpoint} would resume; drop one of them")
