@@ -1,3 +1,4 @@
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -45,11 +46,37 @@ def tiny_classifier(tmp_path_factory, corpus):
     return path
 
 
+def run_watched(cmd, env, timeout):
+    """subprocess.run(cmd) with its output captured; past `timeout` seconds the test fails with what the processes
+    printed and every Python process's stacks (faulthandler on SIGABRT, down the whole tree, torchrun's workers
+    included), so a hang says where it hung."""
+    import signal
+
+    import psutil
+
+    env = dict(env, PYTHONFAULTHANDLER="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        for pid in reversed(tree):  # the workers first, one at a time so that their stacks don't interleave
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGABRT)
+            time.sleep(1)
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(map(str, cmd[:4]))} ... hung for {timeout} s; its stdout ends:\n{out[-3000:]}\n"
+                    f"its stderr, with the stacks, ends:\n{err[-12000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def run_cli(script, *args, timeout=600):
     """Run one of the project's scripts as a user would; returns the CompletedProcess."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=ROOT)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    return run_watched([sys.executable, os.path.join(ROOT, script), *map(str, args)], env, timeout)
 
 
 REFUSE_WITHIN = 25  # seconds; the hub's retries alone took 25-29 s, on top of the imports (a few s)

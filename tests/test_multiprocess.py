@@ -4,13 +4,12 @@ import glob
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import ROOT, run_watched
 
 SAMPLE_DATA = os.path.join(ROOT, "data", "real_toxicity_prompts_sample.jsonl")
 
@@ -21,7 +20,7 @@ def launch_two_processes(*args):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
            os.path.join(ROOT, "detoxify_ppo.py"), *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    return run_watched(cmd, env, timeout=300)  # a run takes 20-30 s here
 
 
 @pytest.fixture(scope="module")
