@@ -17,11 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import scale_out
 from detox_common import CARD_RESULTS_END, CARD_RESULTS_START, fail, fsync_folder, reward_terms
 
 # What a checkpoint must hold to resume; anything missing or unreadable is reported by name.
-CHECKPOINT_FILES = ["config.json", "model.safetensors", "value_head.safetensors", "optimizer.pt",
-                    "trainer_state.json", "rng_state_0.pth", "training_args.json"]
+CHECKPOINT_FILES = ["config.json", "model.safetensors", "value_head.safetensors", "trainer_state.json",
+                    "rng_state_0.pth", "training_args.json"]  # and optimizer_files()
 LORA_FILES = {"config.json": "adapter_config.json", "model.safetensors": "adapter_model.safetensors"}
 
 
@@ -32,6 +33,14 @@ class ResumePoint:
     step: int
     kl_coef: float
     num_processes: int
+    engine: str  # "ddp" (one process too) or "deepspeed-zeroN": the optimizer's format
+
+
+def optimizer_files(engine, num_processes):
+    """DDP: one optimizer.pt (every process holds the whole state). DeepSpeed: each process's own partition."""
+    if engine.startswith("deepspeed"):
+        return [f"optimizer_{i}.pt" for i in range(num_processes)]
+    return ["optimizer.pt"]
 
 
 # ---------------------------------------------------------------------------------------------- RNG, replicas, disk
@@ -49,14 +58,22 @@ def set_rng_state(state):
 
 
 def check_replicas_agree(accelerator, model, step):
-    """Data-parallel processes must hold the same weights; checked (one float per process) before each save."""
+    """Data-parallel processes must hold the same weights; checked (one float per process) before each save. Under
+    ZeRO-3 only the parameters it keeps whole on every process are replicas; the partitioned ones are gathered
+    whole by the save (and said so), as no copy of them exists to compare."""
     if accelerator.num_processes == 1:
         return
-    checksum = torch.stack([p.detach().double().sum() for p in model.parameters() if p.requires_grad]).sum()
-    sums = accelerator.gather(checksum.reshape(1)).tolist()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    replicas = [p for p in trainable if not scale_out.partitioned(p)]
+    checksum = sum((p.detach().double().sum() for p in replicas), torch.zeros((), dtype=torch.float64))
+    sums = accelerator.gather(checksum.to(accelerator.device).reshape(1)).tolist()
     if max(sums) - min(sums) > 1e-6 * max(1.0, abs(sums[0])):
         fail(f"weights differ across processes at step {step} ({sums}); not saving")
-    accelerator.print(f"step {step}: trainable weights identical on all {len(sums)} processes")
+    if len(replicas) == len(trainable):
+        accelerator.print(f"step {step}: trainable weights identical on all {len(sums)} processes")
+    else:
+        accelerator.print(f"step {step}: {len(replicas)} replicated trainable tensors identical on all {len(sums)} "
+                          f"processes; {len(trainable) - len(replicas)} partitioned ones (ZeRO-3) gathered whole")
 
 
 def check_disk(output_dir, existing_folder, need_bytes):
@@ -75,14 +92,25 @@ def fsync_tree(folder):
                 os.fsync(f.fileno())
 
 
+def floating_tensors(state):
+    """Every floating-point tensor in a (nested) state dict: torch's optimizers' and DeepSpeed's partitions."""
+    if torch.is_tensor(state):
+        return [state] if state.is_floating_point() else []
+    if isinstance(state, dict):
+        state = list(state.values())
+    if isinstance(state, (list, tuple)):
+        return [t for item in state for t in floating_tensors(item)]
+    return []
+
+
 def check_state_finite(ppo_trainer, model, step):
     """Nothing non-finite is ever saved: the trainable weights, the value head, the optimizer state and the KL
     coefficient are checked first (check_finite in detoxify_ppo.py sees only the step's statistics, computed
     before its last update)."""
-    parts = {"policy weights": [p for n, p in model.pretrained_model.named_parameters() if p.requires_grad],
-             "value head": list(model.v_head.parameters()),
-             "optimizer state": [v for state in ppo_trainer.optimizer.state_dict()["state"].values()
-                                 for v in state.values() if torch.is_tensor(v) and v.is_floating_point()]}
+    parts = {"policy weights": [scale_out.local_values(p) for p in model.pretrained_model.parameters()
+                                if p.requires_grad],
+             "value head": [scale_out.local_values(p) for p in model.v_head.parameters()],
+             "optimizer state": floating_tensors(ppo_trainer.optimizer.state_dict())}
     bad = [name for name, tensors in parts.items() if not all(torch.isfinite(t).all() for t in tensors)]
     if not np.isfinite(float(ppo_trainer.kl_ctl.value)):
         bad.append(f"KL coefficient ({float(ppo_trainer.kl_ctl.value)})")
@@ -140,12 +168,13 @@ def recover_folders(output_dir):
     return done
 
 
-def save_checkpoint(ppo_trainer, tokenizer, path, step, training_args, card):
+def save_checkpoint(ppo_trainer, tokenizer, path, step, training_args, card, engine="ddp"):
     """Write everything a resume needs into PATH.tmp, flush it, then swap it in: a crash leaves the old one whole.
 
     PATH holds a plain causal LM in safetensors (AutoModelForCausalLM.from_pretrained(PATH) loads it), its
     tokenizer, the value head (float32, as trl keeps it), the optimizer, the KL controller, the step, every
-    process's RNG state, `training_args` (a dict) as training_args.json and `card` as README.md.
+    process's RNG state, `training_args` (a dict) as training_args.json and `card` as README.md. Under DeepSpeed
+    (`engine` "deepspeed-zeroN") each process writes its own optimizer partition.
     """
     from safetensors.torch import save_file
 
@@ -160,15 +189,23 @@ def save_checkpoint(ppo_trainer, tokenizer, path, step, training_args, card):
             os.makedirs(tmp)
         accelerator.wait_for_everyone()
         torch.save(rng_state(), os.path.join(tmp, f"rng_state_{accelerator.process_index}.pth"))
+        optimizer_file = optimizer_files(engine, accelerator.num_processes)
+        if len(optimizer_file) > 1:  # this process's partition of a sharded optimizer
+            torch.save(ppo_trainer.optimizer.state_dict(), os.path.join(tmp, optimizer_file[accelerator.process_index]))
+        gathered = scale_out.gathered_state_dict(ppo_trainer)  # ZeRO-3: whole weights on the main process
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            model.pretrained_model.save_pretrained(tmp, safe_serialization=True)
+            policy, value_head = model.pretrained_model.state_dict(), model.v_head.state_dict()
+            if gathered is not None:
+                policy, value_head = ({k.removeprefix(prefix): v for k, v in gathered.items() if k.startswith(prefix)}
+                                      for prefix in ("pretrained_model.", "v_head."))
+            model.pretrained_model.save_pretrained(tmp, state_dict=policy, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-            save_file({k: v.contiguous() for k, v in model.v_head.state_dict().items()},
-                      os.path.join(tmp, "value_head.safetensors"))
-            torch.save(ppo_trainer.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+            save_file({k: v.contiguous() for k, v in value_head.items()}, os.path.join(tmp, "value_head.safetensors"))
+            if len(optimizer_file) == 1:
+                torch.save(ppo_trainer.optimizer.state_dict(), os.path.join(tmp, optimizer_file[0]))
             state = {"step": step, "kl_coef": float(ppo_trainer.kl_ctl.value),
-                     "num_processes": accelerator.num_processes}
+                     "num_processes": accelerator.num_processes, "engine": engine}
             with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
                 json.dump(state, f)
             with open(os.path.join(tmp, "training_args.json"), "w") as f:
@@ -204,7 +241,7 @@ def push_to_hub(folder, repo_id):
     huggingface_hub.create_repo(repo_id, exist_ok=True)
     huggingface_hub.upload_folder(repo_id=repo_id, folder_path=folder,
                                   commit_message="Upload model detoxified with PPO",
-                                  ignore_patterns=["optimizer.pt", "rng_state_*.pth", "trainer_state.json"])
+                                  ignore_patterns=["optimizer*.pt", "rng_state_*.pth", "trainer_state.json"])
     print(f"pushed {folder} to {repo_id}")
 
 
@@ -278,12 +315,15 @@ def find_checkpoint(resume_from, output_dir, use_peft, data_order, value_head_wi
             saved_args = json.load(f)
         problem = trainer_state_problem(state)
         if problem is None:
-            missing = [f"rng_state_{i}.pth" for i in range(state["num_processes"])
-                       if not os.path.isfile(os.path.join(path, f"rng_state_{i}.pth"))]
-            problem = f"missing {', '.join(missing)}" if missing else None
-        for name in ["optimizer.pt"] + [f"rng_state_{i}.pth" for i in range(state.get("num_processes", 0))]:
-            if problem is None and not zipfile.is_zipfile(os.path.join(path, name)):  # torch.save writes a zip
-                problem = f"{name} is not a file torch.save wrote (cut short?)"
+            parts = (optimizer_files(state["engine"], state["num_processes"]) +
+                     [f"rng_state_{i}.pth" for i in range(state["num_processes"])])
+            missing = [name for name in parts if not os.path.isfile(os.path.join(path, name))]
+            if missing:  # SystemExit passes the except below
+                fail(f"checkpoint {path} is incomplete: missing {', '.join(missing)}; resume from an earlier "
+                     "checkpoint")
+            for name in parts:
+                if problem is None and not zipfile.is_zipfile(os.path.join(path, name)):  # torch.save writes a zip
+                    problem = f"{name} is not a file torch.save wrote (cut short?)"
         if problem is None:
             from safetensors import safe_open
 
@@ -302,7 +342,7 @@ def find_checkpoint(resume_from, output_dir, use_peft, data_order, value_head_wi
     if changed:
         fail(f"checkpoint {path} was trained with other {', '.join('--' + k.replace('_', '-') for k in changed)} "
              f"({', '.join(f'{k}={saved_args.get(k)!r}' for k in changed)}); resume with the same values")
-    return ResumePoint(path, state["step"], state["kl_coef"], state["num_processes"])
+    return ResumePoint(path, state["step"], state["kl_coef"], state["num_processes"], state["engine"])
 
 
 def in_folder(checkpoint, output_dir):
@@ -314,7 +354,8 @@ def trainer_state_problem(state):
     """What is wrong with a trainer_state.json's content, or None."""
     if not isinstance(state, dict):
         return "trainer_state.json is not a JSON object"
-    kinds = {"step": int, "kl_coef": (int, float), "num_processes": int}
+    state.setdefault("engine", "ddp")  # checkpoints from before DeepSpeed ran
+    kinds = {"step": int, "kl_coef": (int, float), "num_processes": int, "engine": str}
     for key, kind in kinds.items():
         if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
             return f"trainer_state.json has no valid {key!r} ({state.get(key)!r})"
@@ -348,10 +389,24 @@ def load_checkpoint(ppo_trainer, resume, learning_rate):
             if missing or unexpected:
                 fail(f"checkpoint {resume.path} does not fit --model {model.config._name_or_path}: missing "
                      f"{missing[:3]}, unexpected {unexpected[:3]}")
-            model.pretrained_model.load_state_dict(weights, strict=False)
-        model.v_head.load_state_dict(load_file(os.path.join(resume.path, "value_head.safetensors"), device=device))
-        ppo_trainer.optimizer.load_state_dict(torch.load(os.path.join(resume.path, "optimizer.pt"),
-                                                         map_location=device, weights_only=False))
+            if scale_out.zero_stage(accelerator) == 3:
+                scale_out.load_whole_weights(model.pretrained_model, weights)
+            else:
+                model.pretrained_model.load_state_dict(weights, strict=False)
+        value_head = load_file(os.path.join(resume.path, "value_head.safetensors"), device=device)
+        if scale_out.zero_stage(accelerator) == 3:
+            scale_out.load_whole_weights(model.v_head, value_head)
+        else:
+            model.v_head.load_state_dict(value_head)
+        files = optimizer_files(resume.engine, resume.num_processes)
+        if len(files) == 1:
+            ppo_trainer.optimizer.load_state_dict(torch.load(os.path.join(resume.path, files[0]),
+                                                             map_location=device, weights_only=False))
+        else:  # DeepSpeed's ZeRO optimizer takes every rank's partition by rank, and reads its own
+            partitions = [None] * resume.num_processes
+            partitions[accelerator.process_index] = torch.load(
+                os.path.join(resume.path, files[accelerator.process_index]), map_location=device, weights_only=False)
+            ppo_trainer.model.optimizer.load_state_dict(partitions, load_from_fp32_weights=True)
         rng_file = os.path.join(resume.path, f"rng_state_{accelerator.process_index}.pth")
         set_rng_state(torch.load(rng_file, weights_only=False))
     except (OSError, RuntimeError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:

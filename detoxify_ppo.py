@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 import checkpoints
+import scale_out
 from detox_common import (
     DTYPES,
     OutputLock,
@@ -498,10 +499,10 @@ def build_models(base, num_shared_layers, lora_config=None):
     return policy, create_shared_reference(policy, num_shared_layers)
 
 
-def make_ppo_config(args, total_steps):
+def make_ppo_config(args, total_steps, accelerator_kwargs=None):
     from trl import PPOConfig
 
-    return PPOConfig(
+    return PPOConfig(accelerator_kwargs=accelerator_kwargs or {},
         model_name=args.model, query_dataset=args.dataset, reward_model=",".join(args.reward_model), seed=args.seed,
         log_with=None if args.log_with == "none" else args.log_with, learning_rate=args.learning_rate,
         batch_size=args.batch_size, mini_batch_size=args.mini_batch_size, ppo_epochs=args.ppo_epochs,
@@ -774,6 +775,12 @@ def train(args, argv):
     if resume and resume.num_processes != state.num_processes:  # each process's batches depend on the count
         fail(f"checkpoint {resume.path} was trained with {resume.num_processes} process(es), this run has "
              f"{state.num_processes}; resume with the same number of processes")
+    # DeepSpeed (from the launch config): its micro batch, accumulation and precision are PPO's
+    plugin = scale_out.deepspeed_plugin(args.mini_batch_size, args.gradient_accumulation_steps, DTYPES[args.dtype])
+    engine = scale_out.engine_name(plugin)
+    if resume and resume.engine != engine:  # the optimizer's state is in the engine's own format
+        fail(f"checkpoint {resume.path} was trained under {resume.engine}, this run is {engine}; resume with the "
+             "same accelerate config")
 
     # Data: toxic prompts, a held-out share, queries of 10-15 tokens.
     kept = load_prompts(args.dataset, args.dataset_split, args.toxicity_threshold)
@@ -806,19 +813,22 @@ def train(args, argv):
     base = load_base_model(args.model, DTYPES[args.dtype], state.device, args.trust_remote_code, args.load_in_8bit,
                            args.load_in_4bit)
     model, ref_model = build_models(base, num_shared_layers, lora_config)
-    total_steps = args.steps or len(queries) // (args.batch_size * state.num_processes)
-    ppo_trainer = build_ppo_trainer(make_ppo_config(args, total_steps), model, ref_model, tokenizer, num_shared_layers,
-                                    args.frozen_prefix_cache, args.response_only_logits)
-    accelerator = ppo_trainer.accelerator
+    # the reward classifiers load before the trainer: under ZeRO-3 accelerate's config would make from_pretrained
+    # partition them, and no engine gathers them
     classifiers = []  # (name, tokenizer, model, class index, weight) of each reward term
     for (name, label, weight), index in zip(reward_terms(args.reward_model, args.reward_label, args.reward_weight),
                                             checked.reward_indices):
         classifiers.append((reward_name(name, label), *load_classifier(
-            name, accelerator.device, reward_dtype(args.reward_dtype, accelerator.device)), index, weight))
+            name, state.device, reward_dtype(args.reward_dtype, state.device)), index, weight))
     reward_fn = functools.partial(score_responses, classifiers, batch_size=args.reward_batch_size)
     # held-out toxicity: the first reward classifier's probability of its classes other than its reward label
     toxicity_fn = functools.partial(toxic_probability, classifiers[0][1], classifiers[0][2], classifiers[0][3],
                                     batch_size=args.reward_batch_size)
+    total_steps = args.steps or len(queries) // (args.batch_size * state.num_processes)
+    ppo_config = make_ppo_config(args, total_steps, {"deepspeed_plugin": plugin} if plugin else None)
+    ppo_trainer = build_ppo_trainer(ppo_config, model, ref_model, tokenizer, num_shared_layers,
+                                    args.frozen_prefix_cache, args.response_only_logits)
+    accelerator = ppo_trainer.accelerator
     start_step = resume.step if resume else 0
     if start_step >= total_steps:
         fail(f"checkpoint {resume.path} is at step {start_step}, not below --steps {total_steps}; nothing to do")
@@ -828,11 +838,12 @@ def train(args, argv):
 
     if state.is_main_process:
         write_atomic(os.path.join(args.output_dir, "training_args.json"), json.dumps(asdict(args), indent=2))
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = sum(scale_out.num_elements(p) for p in model.parameters() if p.requires_grad)
     sharing = ("reference = the policy with adapters disabled" if args.use_peft else
                f"{num_shared_layers}/{num_blocks(checked.policy_config)} blocks shared with the reference")
-    state.print(f"policy {args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, {trainable:,} "
-                f"trainable; {sharing}; {len(queries)} training prompts, {len(heldout_rows)} held out; {total_steps} "
+    total = sum(scale_out.num_elements(p) for p in model.parameters())
+    state.print(f"policy {args.model}: {total:,} parameters, {trainable:,} trainable; {sharing}; {len(queries)} "
+                f"training prompts, {len(heldout_rows)} held out; {total_steps} "
                 f"steps of {args.batch_size} x {state.num_processes} process(es) = "
                 f"{args.batch_size * state.num_processes} episodes"
                 + (f"; resuming from {resume.path} at step {start_step}" if resume else "")
@@ -842,7 +853,7 @@ def train(args, argv):
     def save(name, step, summary):
         card = checkpoints.model_card(args, num_shared_layers, step, summary, heldout_curve)
         path = os.path.join(args.output_dir, name)
-        checkpoints.save_checkpoint(ppo_trainer, tokenizer, path, step, asdict(args), card)
+        checkpoints.save_checkpoint(ppo_trainer, tokenizer, path, step, asdict(args), card, engine)
         if name.startswith("checkpoint-") and state.is_main_process and args.save_total_limit:
             checkpoints.prune_checkpoints(args.output_dir, args.save_total_limit)
         return path

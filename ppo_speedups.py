@@ -18,6 +18,8 @@ import torch
 from trl import AutoModelForCausalLMWithValueHead, PPOTrainer
 from trl.core import PPODecorators, logprobs_from_logits, masked_mean
 
+import scale_out
+
 # Architectures whose block loop the speed-ups replay: (blocks, final norm). Others run trl's plain passes.
 LAYOUTS = {"gpt_neo": ("transformer.h", "transformer.ln_f"), "gptj": ("transformer.h", "transformer.ln_f")}
 SPEEDUPS = {"head": "contiguous LM-head input", "prefix": "frozen-prefix cache", "logits": "response-only logits",
@@ -147,10 +149,13 @@ class SpeedupPPOTrainer(PPOTrainer):
     def __init__(self, config, model, ref_model, tokenizer, num_shared_layers, speedups=tuple(SPEEDUPS)):
         from accelerate import PartialState
 
-        optimizer = None  # trl's own: Adam with torch's defaults
-        if "adam" in speedups:  # the same update as trl's Adam, without foreach temporaries
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        # trl's own (None): Adam with torch's defaults; DeepSpeed's CPU Adam with the optimizer offloaded
+        optimizer = scale_out.cpu_adam(trainable, config.learning_rate, config.accelerator_kwargs.get(
+            "deepspeed_plugin"))
+        if optimizer is None and "adam" in speedups:  # the same update as trl's Adam, without foreach temporaries
             device = next(model.parameters()).device
-            optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
+            optimizer = torch.optim.Adam(trainable, lr=config.learning_rate,
                                          fused=device.type in ("cuda", "cpu"))
         with frozen_models_skip_ddp(PartialState().distributed_type):
             super().__init__(config, model, ref_model, tokenizer, optimizer=optimizer)
@@ -169,6 +174,49 @@ class SpeedupPPOTrainer(PPOTrainer):
                     layer.register_forward_pre_hook(checkpoint_while_training)
         self._step_rows = None  # inside step(): the step's rows, see batched_forward_pass
         self._minibatch_counts = None  # inside step(): skipped and all mini-batches, see loss
+
+    def _prepare_deepspeed(self, model):
+        """Fix for DeepSpeed ZeRO-0/1/2: trl wraps the frozen reference in a DeepSpeed engine of its own, and to
+        make it stage 0 it rewrites, in place, the stage of the very config that the policy's engine and
+        accelerate's saving read. A frozen model needs no engine: it goes to the device for evaluation, as under
+        DDP. ZeRO-3 partitions it with the policy (trl's way)."""
+        if scale_out.zero_stage(self.accelerator) != 3:
+            return model.to(self.accelerator.device).eval()
+        return super()._prepare_deepspeed(model)
+
+    def _generate_batched(self, model, query_tensors, length_sampler=None, batch_size=4, return_prompt=True,
+                          pad_to_multiple_of=None, remove_padding=True, **generation_kwargs):
+        """Fix for ZeRO-3 on deepspeed >= 0.16.4: trl's _generate_batched, line for line, with the policy
+        unwrapped by scale_out.gathered_for_generation instead of trl's unwrap_model_for_generation (which fails on
+        leaving). Elsewhere trl's own."""
+        if scale_out.zero_stage(self.accelerator) != 3:
+            return super()._generate_batched(model, query_tensors, length_sampler, batch_size, return_prompt,
+                                             pad_to_multiple_of, remove_padding, **generation_kwargs)
+        outputs = []
+        padding_side_default = self.tokenizer.padding_side
+        if not self.is_encoder_decoder:
+            self.tokenizer.padding_side = "left"
+        batch_size = min(len(query_tensors), batch_size)
+        for i in range(0, len(query_tensors), batch_size):
+            if length_sampler is not None:
+                generation_kwargs["max_new_tokens"] = length_sampler()
+            batch = query_tensors[i:min(len(query_tensors), i + batch_size)]
+            inputs = {"input_ids": batch, "attention_mask": [torch.ones_like(element) for element in batch]}
+            padded_inputs = self.tokenizer.pad(inputs, padding=True, max_length=None,
+                                               pad_to_multiple_of=pad_to_multiple_of,
+                                               return_tensors="pt").to(self.current_device)
+            with scale_out.gathered_for_generation(model, self.accelerator) as unwrapped_model:
+                generations = unwrapped_model.generate(**padded_inputs, **generation_kwargs)
+            for generation, mask in zip(generations, padded_inputs["attention_mask"]):
+                output = generation[(1 - mask).sum():] if not self.is_encoder_decoder else generation
+                if not return_prompt and not self.is_encoder_decoder:
+                    output = output[mask.sum():]
+                if remove_padding and self.tokenizer.eos_token_id in output:
+                    pad_start = torch.nonzero(output == self.tokenizer.eos_token_id, as_tuple=False)[0, 0].item()
+                    output = output[:pad_start + 1]
+                outputs.append(output)
+        self.tokenizer.padding_side = padding_side_default
+        return outputs
 
     @contextlib.contextmanager
     def speedups_only(self, names=()):

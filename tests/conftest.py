@@ -73,6 +73,37 @@ def run_watched(cmd, env, timeout):
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+SAMPLE_DATA = os.path.join(ROOT, "data", "real_toxicity_prompts_sample.jsonl")
+DDP_LAUNCH = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no"]  # on a machine without GPUs: two torchrun workers, made MULTI_CPU by the script
+# the 2-process runs: float32, so that engines compare to float rounding; accumulation 2, so that every engine must
+# honour it to agree
+TWO_PROCESS_PPO = ["--dtype", "float32", "--steps", "2", "--batch-size", "8", "--mini-batch-size", "4",
+                   "--gradient-accumulation-steps", "2", "--ppo-epochs", "2"]
+
+
+def launch_training(launcher_args, tiny_policy, tiny_classifier, out, *args):
+    """`accelerate launch LAUNCHER_ARGS detoxify_ppo.py` on the tiny models and the sample prompts, 2 PPO steps
+    (TWO_PROCESS_PPO); returns its stdout, after asserting it succeeded."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher_args, "--main_process_port", "0",
+           os.path.join(ROOT, "detoxify_ppo.py"), "--model", tiny_policy, "--reward-model", tiny_classifier,
+           "--dataset", SAMPLE_DATA, "--output-dir", str(out), *TWO_PROCESS_PPO, *map(str, args)]
+    result = run_watched(cmd, env, timeout=300)  # 20-40 s here
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="session")
+def ddp_run(tmp_path_factory, tiny_policy, tiny_classifier):
+    """(output folder, stdout) of a 2-process DDP run with a checkpoint at step 1 and held-out evaluations; the
+    reference of the multi-process tests (the evaluations change nothing of the training)."""
+    out = tmp_path_factory.mktemp("ddp") / "out"
+    log = launch_training(DDP_LAUNCH, tiny_policy, tiny_classifier, out, "--save-every", "1", "--eval-every", "1",
+                          "--eval-prompts", "8")
+    return out, log
+
+
 def run_cli(script, *args, timeout=600):
     """Run one of the project's scripts as a user would; returns the CompletedProcess."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")

@@ -85,7 +85,7 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(interrupted):
     assert 2 <= step < int(STEPS)
     assert (out / f"checkpoint-{step}").is_dir() and not (out / "final").exists()
     assert sorted(os.listdir(out / f"checkpoint-{step}")) == sorted(set(checkpoints.CHECKPOINT_FILES) | {
-        "generation_config.json", "tokenizer.json", "tokenizer_config.json", "README.md"})
+        "optimizer.pt", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "README.md"})
     assert len(read_jsonl(out / "stats.jsonl")) == step
 
 
