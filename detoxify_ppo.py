@@ -267,6 +267,7 @@ def check_args(args):
         fail("choose one of --load-in-8bit and --load-in-4bit")
     if (args.load_in_8bit or args.load_in_4bit) and not torch.cuda.is_available():
         fail("--load-in-8bit/--load-in-4bit need a CUDA GPU (bitsandbytes); on CPU use --use-peft alone")
+    scale_out.refuse_untested_under_deepspeed(args.use_peft, args.gradient_checkpointing)
     if args.merge_adapters and not args.use_peft:
         fail("--merge-adapters needs --use-peft (without it the saved model is already plain)")
     if args.use_peft and min(args.lora_r, args.lora_alpha) < 1:

@@ -17,10 +17,23 @@ import torch
 from detox_common import fail
 
 
+def launched_with_deepspeed():
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def refuse_untested_under_deepspeed(use_peft, gradient_checkpointing):
+    """What has not run under DeepSpeed is refused there, before anything loads."""
+    untested = [flag for flag, used in (("--use-peft", use_peft), ("--gradient-checkpointing",
+                                                                    gradient_checkpointing)) if used]
+    if untested and launched_with_deepspeed():
+        fail(f"{' and '.join(untested)} under DeepSpeed has not been tested; launch with "
+             "configs/accelerate/multi_gpu_ddp.yaml for it, or drop it")
+
+
 def deepspeed_plugin(mini_batch_size, gradient_accumulation_steps, dtype):
     """The DeepSpeedPlugin of this launch (None when not launched with a DeepSpeed config), with PPO's batch,
     accumulation and precision written into its config. For trl's PPOConfig(accelerator_kwargs=...)."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+    if not launched_with_deepspeed():
         return None
     from accelerate.utils import DeepSpeedPlugin
 

@@ -134,6 +134,18 @@ def test_ppo_sets_deepspeed_batch_accumulation_and_precision(monkeypatch):
     assert scale_out.deepspeed_plugin(4, 1, torch.float32) is None
 
 
+@pytest.mark.parametrize("flag", ["--use-peft", "--gradient-checkpointing"])
+def test_what_never_ran_under_deepspeed_is_refused_there(flag, monkeypatch, tmp_path):
+    """(--load-in-8bit/4bit need --use-peft.) The same flag under DDP passes these checks."""
+    import detoxify_ppo
+
+    argv = ["--model", "m", "--output-dir", str(tmp_path / "out"), flag]
+    detoxify_ppo.check_args(detoxify_ppo.parse_args(argv))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(SystemExit, match=f"^error: {flag} under DeepSpeed has not been tested; launch with"):
+        detoxify_ppo.check_args(detoxify_ppo.parse_args(argv))
+
+
 def test_bfloat16_trains_in_pure_bfloat16_under_zero3_with_offload(tiny_policy, tiny_classifier, tmp_path):
     """--dtype bfloat16 (the default) under the engine with the most moving parts: bf16 weights, bf16 Adam moments
     in DeepSpeed's CPU Adam, and a bf16 checkpoint; no float32 master copy anywhere."""
