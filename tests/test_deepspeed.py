@@ -136,8 +136,22 @@ def test_ppo_sets_deepspeed_batch_accumulation_and_precision(monkeypatch):
     plugin = scale_out.deepspeed_plugin(4, 1, torch.float32)
     assert plugin.deepspeed_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
     assert scale_out.engine_name(plugin) == "deepspeed-zero3-offload"
+    with pytest.raises(SystemExit, match="^error: --dtype float16 under DeepSpeed needs fp16 loss scaling"):
+        scale_out.deepspeed_plugin(4, 1, torch.float16)
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
     assert scale_out.deepspeed_plugin(4, 1, torch.float32) is None
+
+
+def test_a_deepspeed_config_that_contradicts_the_ppo_arguments_is_refused(monkeypatch, tmp_path):
+    import scale_out
+
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 8}))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(config))
+    with pytest.raises(SystemExit, match="^error: the DeepSpeed config sets train_micro_batch_size_per_gpu to 8, and "
+                                         "PPO sets it to 4 .*set it to auto$"):
+        scale_out.deepspeed_plugin(4, 1, torch.float32)
 
 
 @pytest.mark.parametrize("flag", ["--use-peft", "--gradient-checkpointing"])
