@@ -778,6 +778,7 @@ def train(args, argv):
              f"{state.num_processes}; resume with the same number of processes")
     # DeepSpeed (from the launch config): its micro batch, accumulation and precision are PPO's
     plugin = scale_out.deepspeed_plugin(args.mini_batch_size, args.gradient_accumulation_steps, DTYPES[args.dtype])
+    scale_out.refuse_evaluation_under_zero3(plugin, args.eval_every)
     engine = scale_out.engine_name(plugin)
     if resume and resume.engine != engine:  # the optimizer's state is in the engine's own format
         fail(f"checkpoint {resume.path} was trained under {resume.engine}, this run is {engine}; resume with the "

@@ -7,8 +7,9 @@
   - the contiguous LM-head input (a forward pre-hook);
   - `speedups_only(...)`, the documented switch back to trl's plain PPOTrainer (the benchmark and tests use it).
 - `ValueHeadModel`, trl's value-head model whose forward can start after the shared blocks.
-- Fixes: `checkpoint_while_training` (gradient checkpointing under trl's eval-mode passes) and `frozen_models_skip_ddp`
-  (a frozen reference on multi-CPU runs).
+- Fixes: `checkpoint_while_training` (gradient checkpointing under trl's eval-mode passes), `frozen_models_skip_ddp`
+  (a frozen reference on multi-CPU runs), and for DeepSpeed the trainer's `_prepare_deepspeed` (no engine for the
+  frozen reference below ZeRO-3) and `_generate_batched` (ZeRO-3 generation on deepspeed >= 0.16.4).
 """
 
 import contextlib
@@ -186,7 +187,7 @@ class SpeedupPPOTrainer(PPOTrainer):
 
     def _generate_batched(self, model, query_tensors, length_sampler=None, batch_size=4, return_prompt=True,
                           pad_to_multiple_of=None, remove_padding=True, **generation_kwargs):
-        """Fix for ZeRO-3 on deepspeed >= 0.16.4: trl's _generate_batched, line for line, with the policy
+        """Fix for ZeRO-3 on deepspeed >= 0.16.4: trl's _generate_batched, step for step, with the policy
         unwrapped by scale_out.gathered_for_generation instead of trl's unwrap_model_for_generation (which fails on
         leaving). Elsewhere trl's own."""
         if scale_out.zero_stage(self.accelerator) != 3:

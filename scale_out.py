@@ -30,6 +30,15 @@ def refuse_untested_under_deepspeed(use_peft, gradient_checkpointing):
              "configs/accelerate/multi_gpu_ddp.yaml for it, or drop it")
 
 
+def refuse_evaluation_under_zero3(plugin, eval_every):
+    """The held-out evaluation runs on the main process alone, and under ZeRO-3 every forward pass gathers weights
+    from all processes: it would wait for the others forever."""
+    if eval_every and plugin is not None and plugin.zero_stage == 3:
+        fail("--eval-every does not run under ZeRO-3 (the held-out evaluation runs on the main process alone, and "
+             "ZeRO-3 needs every process to gather the weights); drop it and measure the checkpoints with "
+             "evaluate_toxicity.py, or use a ZeRO-2 config")
+
+
 def deepspeed_plugin(mini_batch_size, gradient_accumulation_steps, dtype):
     """The DeepSpeedPlugin of this launch (None when not launched with a DeepSpeed config), with PPO's batch,
     accumulation and precision written into its config. For trl's PPOConfig(accelerator_kwargs=...)."""

@@ -68,7 +68,9 @@ def test_engine_trains_as_ddp_saves_whole_and_resumes(engine, ddp_run, tiny_poli
     started = time.monotonic()
     launcher = engine_launcher(engine, tmp_path)
     out = tmp_path / "out"
-    log = launch_training(launcher, tiny_policy, tiny_classifier, out, "--save-every", "1")
+    evaluations = ["--eval-every", "1", "--eval-prompts", "8"] if engine.startswith("zero2") else []  # ZeRO-3: refused
+    log = launch_training(launcher, tiny_policy, tiny_classifier, out, "--save-every", "1", *evaluations)
+    assert ("held-out toxicity" in log) == bool(evaluations)  # on the main process alone; training unchanged
     state = json.load(open(out / "final" / "trainer_state.json"))
     assert state["engine"].startswith(f"deepspeed-zero{engine[4]}") and state["num_processes"] == 2
     assert sorted(n for n in os.listdir(out / "checkpoint-1") if n.startswith("optimizer")) == [
@@ -140,6 +142,20 @@ def test_ppo_sets_deepspeed_batch_accumulation_and_precision(monkeypatch):
         scale_out.deepspeed_plugin(4, 1, torch.float16)
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
     assert scale_out.deepspeed_plugin(4, 1, torch.float32) is None
+
+
+def test_held_out_evaluation_is_refused_under_zero3(monkeypatch):
+    """Run by hand, it failed after step 0 with gloo's "Connection reset by peer" instead of one line."""
+    import scale_out
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    plugin = scale_out.deepspeed_plugin(4, 1, torch.float32)
+    scale_out.refuse_evaluation_under_zero3(plugin, 0)
+    with pytest.raises(SystemExit, match="^error: --eval-every does not run under ZeRO-3"):
+        scale_out.refuse_evaluation_under_zero3(plugin, 5)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    scale_out.refuse_evaluation_under_zero3(scale_out.deepspeed_plugin(4, 1, torch.float32), 5)
 
 
 def test_a_deepspeed_config_that_contradicts_the_ppo_arguments_is_refused(monkeypatch, tmp_path):
